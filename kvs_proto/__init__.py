@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs for proto/kvs.proto (made by ./compile.sh, not committed)."""

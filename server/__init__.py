@@ -1,0 +1,1 @@
+"""KVS server: a replicated, multi-version key-value store."""

@@ -1,0 +1,68 @@
+"""gRPC client side of server-to-server repair (Replica service + Status)."""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import grpc
+
+from kvs_proto import kvs_pb2, kvs_pb2_grpc
+
+_PEER_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+
+
+class LogTooOld(Exception):
+    """The peer no longer keeps the requested log positions: take a state transfer."""
+
+
+class PeerClients:
+    """One cached channel per peer address."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
+        self._credentials = credentials
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def _channel(self, addr: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(addr)
+            if ch is None:
+                if self._credentials is not None:
+                    ch = grpc.secure_channel(addr, self._credentials, options=_PEER_OPTIONS)
+                else:
+                    ch = grpc.insecure_channel(addr, options=_PEER_OPTIONS)
+                self._channels[addr] = ch
+            return ch
+
+    def status(self, addr: str, timeout: float = 1.0) -> kvs_pb2.NodeStatus:
+        stub = kvs_pb2_grpc.KVSExtStub(self._channel(addr))
+        return stub.Status(kvs_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata)
+
+    def fetch_log(self, addr: str, from_seq: int, to_seq: int = 0,
+                  timeout: float = 30.0) -> Iterator[bytes]:
+        stub = kvs_pb2_grpc.ReplicaStub(self._channel(addr))
+        try:
+            for blob in stub.FetchLog(kvs_pb2.LogRange(from_seq=from_seq, to_seq=to_seq),
+                                      timeout=timeout, metadata=self._metadata):
+                yield blob.payload
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise LogTooOld(e.details()) from None
+            raise
+
+    def fetch_state(self, addr: str, timeout: float = 120.0) -> Iterator[bytes]:
+        stub = kvs_pb2_grpc.ReplicaStub(self._channel(addr))
+        for blob in stub.FetchState(kvs_pb2.StateRequest(), timeout=timeout,
+                                    metadata=self._metadata):
+            yield blob.payload
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
