@@ -102,6 +102,16 @@ class _Member:
     boot: str = ""
     epoch: int = 0
     applied: int = 0
+    seen: float = 0.0   # monotonic time of its last presence document
+
+    def alive(self, now: float, ttl: float) -> bool:
+        # Servers re-announce every second; a document nobody refreshes (a
+        # crashed server's, or a forged one) stops counting after ``ttl``.
+        return self.online and now - self.seen < ttl
+
+
+PRESENCE_INTERVAL = 1.0
+PRESENCE_TTL = 3.5
 
 
 class ReplicatedLog:
@@ -129,6 +139,7 @@ class ReplicatedLog:
         self._published = (0, codec.GENESIS_HASH)  # what the heartbeat announces
         self._leader_last = 0          # last position the leader announced
         self._leader_seen = 0.0        # monotonic time of the leader's last sign of life
+        self._claimed = ""             # leader named by heartbeats not yet followed in the log
         self._diverged = False
         self._was_in_step = False
         self._gap_target = 0           # position we know exists but have not got
@@ -137,6 +148,7 @@ class ReplicatedLog:
         self.started = time.time()
 
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._tick_queued = False
         self._pending: dict[int, Batch] = {}      # out-of-order batches by first
         self._recent: list[tuple[int, int, bytes]] = []  # batches for peers' repair
         self._recent_bytes = 0
@@ -231,8 +243,8 @@ class ReplicatedLog:
             "keys": keys, "log_hash": h,
             "leader_seq": max(self._leader_last, applied) if self.role is Role.FOLLOWER else applied,
             "uptime": time.time() - self.started, "durable": self.datadir is not None,
-            "peers": [(m.node, m.addr, m.online) for m in sorted(self.members.values(),
-                                                                  key=lambda m: m.node)],
+            "peers": [(m.node, m.addr, m.alive(time.monotonic(), PRESENCE_TTL))
+                      for m in sorted(self.members.values(), key=lambda m: m.node)],
         }
 
     # ---- serving peers (Replica service) -------------------------------------
@@ -385,6 +397,7 @@ class ReplicatedLog:
                 pass
             to_sequence: list[dict] = []
             ready: list[tuple[str, Outcome]] = []
+            tick = False
             for kind, data in events:
                 try:
                     if kind == "stop":
@@ -405,9 +418,15 @@ class ReplicatedLog:
                     elif kind == "conn":
                         self._handle_connection(data)
                     elif kind == "tick":
-                        ready += self._tick()
+                        tick = True  # after everything that arrived before it
                 except Exception:
                     log.exception("error in core loop handling %s", kind)
+            if tick:
+                self._tick_queued = False
+                try:
+                    ready += self._tick()
+                except Exception:
+                    log.exception("error in periodic work")
             published: list[tuple[int, list[tuple[str, Outcome]]]] = []
             if to_sequence and self.role is Role.LEADER:
                 published = self._sequence(to_sequence)
@@ -507,6 +526,8 @@ class ReplicatedLog:
             self.applied, self.hash = b.last, b.hash
             if b.epoch != self.epoch or b.leader != self.leader:
                 log.info("following %s in epoch %d from position %d", b.leader, b.epoch, b.first)
+                if b.leader == self._claimed:
+                    self._claimed = ""
             self.epoch, self.leader = b.epoch, b.leader
         while len(self._recent_ids) > self.cfg.recent_ids:
             self._recent_ids.popitem(last=False)
@@ -591,8 +612,9 @@ class ReplicatedLog:
             self._step_down(f"{hb.leader} leads epoch {hb.epoch}")
         self._leader_seen = time.monotonic()
         self._leader_last = max(self._leader_last, hb.last)
-        if hb.epoch > self.epoch or hb.leader != self.leader:
-            self.leader = hb.leader  # known before its epoch item reaches us
+        # A leader we know of before its epoch item reaches us (the applied
+        # log alone decides what is stale).
+        self._claimed = hb.leader if hb.leader != self.leader else ""
         if hb.last > self.applied or hb.epoch > self.epoch:
             self._gap_target = max(self._gap_target, hb.last)
             return self._repair(hb.leader)
@@ -621,7 +643,7 @@ class ReplicatedLog:
                 if self._diverged:
                     out += self._state_transfer(addr)
                 out += self._apply_in_order_pending()
-                if node == self.leader:
+                if node == (self._claimed or self.leader):
                     # The sequencer publishes nothing it has not applied: what it
                     # lacks does not exist (forged, or a deposed leader's).
                     self._gap_target = 0
@@ -695,7 +717,9 @@ class ReplicatedLog:
         return out + self._apply_in_order_pending()
 
     def _peer_addrs(self, prefer: str = "") -> list[tuple[str, str]]:
-        ms = [m for m in self.members.values() if m.online and m.node != self.node and m.addr]
+        now = time.monotonic()
+        ms = [m for m in self.members.values()
+              if m.alive(now, PRESENCE_TTL) and m.node != self.node and m.addr]
         ms.sort(key=lambda m: (m.node != prefer, -m.applied, m.node))
         return [(m.node, m.addr) for m in ms]
 
@@ -713,6 +737,7 @@ class ReplicatedLog:
         if not p.online and m.online and boot and m.boot and boot != m.boot:
             return  # the will of an earlier incarnation
         m.addr, m.online, m.boot, m.epoch, m.applied = p.addr, p.online, boot, p.epoch, p.applied
+        m.seen = time.monotonic()
         if not p.online and p.node == self.leader:
             log.warning("leader %s went offline", p.node)
 
@@ -739,16 +764,25 @@ class ReplicatedLog:
     def _leader_alive(self) -> bool:
         if self.role is Role.LEADER:
             return True
-        m = self.members.get(self.leader)
-        return bool(self.leader and m is not None and m.online
-                    and time.monotonic() - self._leader_seen < self.cfg.leader_timeout)
+        if time.monotonic() - self._leader_seen >= self.cfg.leader_timeout:
+            return False
+        now = time.monotonic()
+        for name in (self.leader, self._claimed):
+            m = self.members.get(name) if name else None
+            if m is not None and m.alive(now, PRESENCE_TTL):
+                return True
+        return False
 
     def _maybe_elect(self) -> None:
         if self.role is Role.LEADER or not self.transport.connected or self._leader_alive():
             return
+        if self._events.qsize():
+            return  # judge liveness only after reading everything that arrived
         if time.monotonic() - self._connected_since < self.cfg.settle_time:
             return
-        online = sorted([m.node for m in self.members.values() if m.online] + [self.node])
+        now = time.monotonic()
+        online = sorted([m.node for m in self.members.values() if m.alive(now, PRESENCE_TTL)]
+                        + [self.node])
         if online[0] != self.node:
             return
         self._become_leader()
@@ -757,7 +791,8 @@ class ReplicatedLog:
         log.info("no live sequencer; %s takes over", self.node)
         # Never start a new epoch behind a peer: catch up from the most advanced one.
         top_epoch, best = self.epoch, None
-        for m in [m for m in self.members.values() if m.online and m.addr]:
+        now = time.monotonic()
+        for m in [m for m in self.members.values() if m.alive(now, PRESENCE_TTL) and m.addr]:
             try:
                 st = self.peers.status(m.addr, timeout=1.0)
             except Exception as e:
@@ -796,8 +831,10 @@ class ReplicatedLog:
                 last, h = self._published
                 self.transport.publish(self.t_log, codec.heartbeat_doc(self.epoch, self.node, last, h))
                 last_hb = now
-            self._events.put(("tick", None))
-            if now - last_announce >= 1.0 and self.transport.connected:
+            if not self._tick_queued:
+                self._tick_queued = True
+                self._events.put(("tick", None))
+            if now - last_announce >= PRESENCE_INTERVAL and self.transport.connected:
                 self._announce()  # also repairs a stale retained will
                 last_announce = now
             self._retry_and_expire()
@@ -807,7 +844,7 @@ class ReplicatedLog:
         self._maybe_elect()
         if self.role is Role.FOLLOWER and self._leader_alive() and (
                 self._diverged or self._gap_target > self.applied):
-            out += self._repair(self.leader)
+            out += self._repair(self._claimed or self.leader)
         if self.datadir is not None and self._since_snapshot >= self.cfg.snapshot_every:
             self._write_snapshot()
         return out
