@@ -167,6 +167,7 @@ class ReplicatedLog:
         self.members: dict[str, _Member] = {}
         self._connected_since = 0.0
         self._readable = threading.Event()
+        self._snapshotting = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -430,8 +431,8 @@ class ReplicatedLog:
             published: list[tuple[int, list[tuple[str, Outcome]]]] = []
             if to_sequence and self.role is Role.LEADER:
                 published = self._sequence(to_sequence)
-            if self.datadir is not None and (ready or published):
-                self.datadir.sync()  # group commit: one fsync for everything drained
+            if self.datadir is not None:
+                self.datadir.sync()  # group commit: one fsync for everything drained (no-op if none)
             self._resolve_mine(ready)
             for mid, results in published:
                 self._await_puback(mid, results)
@@ -698,7 +699,9 @@ class ReplicatedLog:
         if self._gap_target <= self.applied:
             self._gap_target = 0
         if self.datadir is not None:
-            self._write_snapshot()
+            # Replace the old history on disk with the transferred state.
+            self.datadir.reset(self._snapshot_state())
+            self._since_snapshot = 0
         log.warning("state transfer done: %d keys at position %d in %.2fs", n,
                     self.applied, time.monotonic() - started)
         # Our own writes whose batches we skipped: look their outcome up.
@@ -874,7 +877,6 @@ class ReplicatedLog:
 
     # ---- persistence -----------------------------------------------------------
     def _recover(self) -> None:
-        from .persistence import SnapshotState  # noqa: F401  (import check)
         rec = self.datadir.load()
         for w in rec.warnings:
             log.warning("data dir: %s", w)
@@ -902,16 +904,33 @@ class ReplicatedLog:
         log.info("recovered position %d (epoch %d, %d keys, %d batches replayed)",
                  self.applied, self.epoch, len(self.store), replayed)
 
-    def _write_snapshot(self) -> None:
+    def _snapshot_state(self):
         from .persistence import SnapshotState
-        with self.store_lock:
+        with self.store_lock:  # a consistent copy; the file is written outside the lock
             keys = [(k, mx, list(vs)) for k, mx, vs in self.store.dump()]
-            state = SnapshotState(seq=self.applied, epoch=self.epoch, chain_hash=self.hash,
-                                  keys=keys, meta={"node": self.node, "leader": self.leader,
-                                                   "ids": list(self._recent_ids.items())[-50_000:]})
-        self.datadir.sync()
-        self.datadir.write_snapshot(state)
+            return SnapshotState(seq=self.applied, epoch=self.epoch, chain_hash=self.hash,
+                                 keys=keys, meta={"node": self.node, "leader": self.leader,
+                                                  "ids": list(self._recent_ids.items())[-50_000:]})
+
+    def _write_snapshot(self) -> None:
+        """Snapshot in the background; the log keeps appending meanwhile."""
+        if self._snapshotting.is_set():
+            return
+        state = self._snapshot_state()
         self._since_snapshot = 0
+        self._snapshotting.set()
+
+        def write():
+            try:
+                self.datadir.sync()
+                self.datadir.write_snapshot(state)
+                log.info("snapshot at position %d written", state.seq)
+            except Exception:
+                log.exception("snapshot failed")
+            finally:
+                self._snapshotting.clear()
+
+        threading.Thread(target=write, name="kvs-snapshot", daemon=True).start()
 
 
 def _resolve(fut: concurrent.futures.Future, outcome: Outcome) -> None:
