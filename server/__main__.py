@@ -17,6 +17,7 @@ from kvs_proto import kvs_pb2_grpc
 
 from .log import LogConfig, ReplicatedLog
 from .peers import PeerClients
+from .security import TokenAuthInterceptor, channel_credentials, read_secret, server_credentials
 from .service import KVSExtServicer, KVSServicer, ReplicaServicer
 from .transport import BrokerConfig
 
@@ -41,6 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest gRPC request in bytes (default 4 MiB)")
     p.add_argument("--write-timeout", type=float, default=float(env("KVS_WRITE_TIMEOUT", "10")))
     p.add_argument("--no-fsync", action="store_true", help="skip fsync (benchmarks only)")
+    p.add_argument("--max-key-len", type=int, default=int(env("KVS_MAX_KEY_LEN", "4096")),
+                   help="longest key in characters (default 4096)")
+    p.add_argument("--max-value-len", type=int,
+                   default=int(env("KVS_MAX_VALUE_LEN", str(3 * 1024 * 1024))),
+                   help="longest value in characters (default 3 Mi; the message limit applies too)")
+    sec = p.add_argument_group("security (secrets only from files or the environment)")
+    sec.add_argument("--tls-cert", default=env("KVS_TLS_CERT"), help="gRPC server certificate (PEM)")
+    sec.add_argument("--tls-key", default=env("KVS_TLS_KEY"), help="gRPC server private key (PEM)")
+    sec.add_argument("--tls-client-ca", default=env("KVS_TLS_CLIENT_CA"),
+                     help="require client certificates signed by this CA (mutual TLS)")
+    sec.add_argument("--tls-ca", default=env("KVS_TLS_CA"),
+                     help="CA that signed the peers' certificates (server-to-server repair)")
+    sec.add_argument("--token-file", default=env("KVS_TOKEN_FILE"),
+                     help="clients must send this bearer token (else $KVS_TOKEN; none: open)")
+    sec.add_argument("--mqtt-username", default=env("KVS_MQTT_USERNAME"))
+    sec.add_argument("--mqtt-password-file", default=env("KVS_MQTT_PASSWORD_FILE"),
+                     help="broker password (else $KVS_MQTT_PASSWORD)")
+    sec.add_argument("--mqtt-tls-ca", default=env("KVS_MQTT_TLS_CA"),
+                     help="CA of the broker's TLS listener: enables TLS to the broker")
+    sec.add_argument("--cluster-secret-file", default=env("KVS_CLUSTER_SECRET_FILE"),
+                     help="shared secret: every broker message carries an HMAC "
+                          "(else $KVS_CLUSTER_SECRET; none: unsigned)")
     p.add_argument("--log-level", default=env("KVS_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     a.node_id = a.node_id or f"node-{a.port}"
@@ -68,29 +91,54 @@ def main(argv: list[str] | None = None) -> int:
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING if serving
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    try:
+        token = read_secret(args.token_file, "KVS_TOKEN")
+        mqtt_password = read_secret(args.mqtt_password_file, "KVS_MQTT_PASSWORD")
+        cluster_secret = read_secret(args.cluster_secret_file, "KVS_CLUSTER_SECRET")
+    except (OSError, ValueError) as e:
+        log.error("cannot read a secret: %s", e)
+        return 2
     cfg = LogConfig(node_id=args.node_id, address=args.advertise, cluster=args.cluster,
-                    write_timeout=args.write_timeout)
-    broker = BrokerConfig(host=args.mqtt_host, port=args.mqtt_port)
-    rlog = ReplicatedLog(cfg, broker, datadir=datadir, peers=PeerClients(), on_state=on_state)
+                    write_timeout=args.write_timeout, max_key_len=args.max_key_len,
+                    max_value_len=args.max_value_len)
+    broker = BrokerConfig(host=args.mqtt_host, port=args.mqtt_port, username=args.mqtt_username,
+                          password=mqtt_password, tls_ca=args.mqtt_tls_ca,
+                          secret=cluster_secret.encode() if cluster_secret else None)
+    # With mutual TLS a server presents its own certificate to its peers.
+    peer_creds = (channel_credentials(args.tls_ca, args.tls_cert if args.tls_client_ca else None,
+                                      args.tls_key if args.tls_client_ca else None)
+                  if args.tls_ca else None)
+    rlog = ReplicatedLog(cfg, broker, datadir=datadir, peers=PeerClients(peer_creds, token),
+                         on_state=on_state)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="grpc"),
+        interceptors=[TokenAuthInterceptor(token)] if token else None,
         options=[("grpc.max_receive_message_length", args.max_message),
                  ("grpc.max_send_message_length", 256 * 1024 * 1024),
                  ("grpc.so_reuseport", 0)])
-    kvs_pb2_grpc.add_KVSServicer_to_server(KVSServicer(rlog, cfg.write_timeout), server)
+    kvs_pb2_grpc.add_KVSServicer_to_server(
+        KVSServicer(rlog, cfg.write_timeout, args.max_key_len, args.max_value_len), server)
     kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(rlog), server)
     kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(rlog), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    listen = f"{args.host}:{args.port}"
+    if args.tls_cert and args.tls_key:
+        bound = server.add_secure_port(
+            listen, server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
+    else:
+        bound = server.add_insecure_port(listen)
     if not bound:
         log.error("cannot listen on %s:%s", args.host, args.port)
         return 2
 
     rlog.start()
     server.start()
-    log.info("serving gRPC on %s:%d (broker %s:%d, data dir %s)", args.host, args.port,
-             args.mqtt_host, args.mqtt_port, args.data_dir or "none: in memory only")
+    log.info("serving gRPC on %s:%d%s (broker %s:%d%s, data dir %s, tokens %s, signed messages %s)",
+             args.host, args.port, " with TLS" if args.tls_cert else "", args.mqtt_host,
+             args.mqtt_port, " with TLS" if args.mqtt_tls_ca else "",
+             args.data_dir or "none: in memory only", "on" if token else "off",
+             "on" if cluster_secret else "off")
 
     stop = threading.Event()
 

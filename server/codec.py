@@ -72,6 +72,7 @@ class Heartbeat:
 class Proposal:
     node: str
     items: list
+    ts: float  # when the proposer sent it: old replays are refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +163,13 @@ def decode_proposal(payload: bytes) -> Proposal:
     if not isinstance(items, list) or not items:
         raise BadMessage("proposal needs a non-empty item list")
     node = _str(doc, "node")
+    ts = doc.get("ts")
+    if not isinstance(ts, (int, float)):
+        raise BadMessage("field 'ts' must be a number")
     items = [_item(i, False) for i in items]
     if any(i["node"] != node for i in items):
         raise BadMessage("proposal items must come from the proposing node")
-    return Proposal(node, items)
+    return Proposal(node, items, float(ts))
 
 
 def decode_presence(payload: bytes) -> Presence:
@@ -188,8 +192,8 @@ def heartbeat_doc(epoch: int, leader: str, last: int, hash_: str) -> bytes:
     return encode({"t": "hb", "epoch": epoch, "leader": leader, "last": last, "hash": hash_})
 
 
-def proposal_doc(node: str, items: list) -> bytes:
-    return encode({"t": "propose", "node": node, "items": items})
+def proposal_doc(node: str, items: list, ts: float) -> bytes:
+    return encode({"t": "propose", "node": node, "ts": ts, "items": items})
 
 
 def presence_doc(node: str, addr: str, online: bool, epoch: int, applied: int) -> bytes:

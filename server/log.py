@@ -111,6 +111,7 @@ class _Member:
 
 
 PRESENCE_INTERVAL = 1.0
+PROPOSAL_MAX_AGE = 120.0  # seconds; older proposals may be outside the de-duplication window
 PRESENCE_TTL = 3.5
 
 
@@ -325,7 +326,8 @@ class ReplicatedLog:
                 continue
             for chunk in _chunks(items, self.cfg.max_batch_items, self.cfg.max_batch_bytes):
                 # Unsent proposals are simply retried by the ticker.
-                self.transport.publish(self.t_propose, codec.proposal_doc(self.node, chunk))
+                self.transport.publish(self.t_propose,
+                                       codec.proposal_doc(self.node, chunk, time.time()))
 
     def _resolve_mine(self, results: list[tuple[str, Outcome]]) -> None:
         if not results:
@@ -411,9 +413,14 @@ class ReplicatedLog:
                     elif kind == "propose":
                         if self.role is Role.LEADER:
                             try:
-                                to_sequence += codec.decode_proposal(data).items
+                                prop = codec.decode_proposal(data)
                             except BadMessage as e:
                                 _warn_garbage("proposal", e, data)
+                                continue
+                            if abs(time.time() - prop.ts) > PROPOSAL_MAX_AGE:
+                                _warn_garbage("proposal", BadMessage("too old (a replay?)"), data)
+                                continue
+                            to_sequence += prop.items
                     elif kind == "presence":
                         self._handle_presence(data)
                     elif kind == "conn":

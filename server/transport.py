@@ -6,6 +6,8 @@ default 1000 messages, silently drop) because we read slowly.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import ssl
 import threading
@@ -14,6 +16,8 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,16 @@ class BrokerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     keepalive: int = 5               # seconds; a dead peer is noticed within ~1.5x this
+    secret: bytes | None = None      # cluster secret: every message carries an HMAC
+
+
+MAC_PROPERTY = "kvs-mac"
+
+
+def message_mac(secret: bytes, topic: str, payload: bytes) -> str:
+    """HMAC-SHA256 over topic and payload (binding the topic stops a valid
+    document from being replayed on another topic)."""
+    return hmac.new(secret, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
 
 
 class MqttTransport:
@@ -44,6 +58,7 @@ class MqttTransport:
         self._on_connection = on_connection
         self._on_published = on_published
         self._subs: set[str] = set()
+        self.rejected = 0  # messages dropped for a missing or wrong HMAC
         self._lock = threading.Lock()
         self.connected = False
         # MQTT 5 for the no-local subscription option: a server does not get
@@ -58,7 +73,8 @@ class MqttTransport:
             c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                       cert_reqs=ssl.CERT_REQUIRED)
         if will:
-            c.will_set(will[0], will[1], qos=1, retain=True)
+            c.will_set(will[0], will[1], qos=1, retain=True,
+                       properties=self._signed(will[0], will[1], will=True))
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
@@ -95,7 +111,8 @@ class MqttTransport:
         paho queue changes for a later reconnect: they would be stale)."""
         if not self.connected:
             return None
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain,
+                                   properties=self._signed(topic, payload))
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return info
@@ -119,7 +136,26 @@ class MqttTransport:
             log.warning("lost broker connection (%s); reconnecting", reason_code)
         self._on_connection(False)
 
+    def _signed(self, topic: str, payload: bytes, will: bool = False) -> Properties | None:
+        if not self.cfg.secret:
+            return None
+        props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
+        props.UserProperty = (MAC_PROPERTY, message_mac(self.cfg.secret, topic, payload))
+        return props
+
+    def _authentic(self, msg) -> bool:
+        props = getattr(msg, "properties", None)
+        macs = [v for k, v in (getattr(props, "UserProperty", None) or []) if k == MAC_PROPERTY]
+        expected = message_mac(self.cfg.secret, msg.topic, msg.payload)
+        return len(macs) == 1 and hmac.compare_digest(macs[0], expected)
+
     def _handle_message(self, client, userdata, msg):
+        if self.cfg.secret and not self._authentic(msg):
+            self.rejected += 1
+            if self.rejected <= 20 or self.rejected % 1000 == 0:
+                log.warning("dropped a message on %s without a valid HMAC (%d so far)",
+                            msg.topic, self.rejected)
+            return
         try:
             self._on_message(msg.topic, msg.payload)
         except Exception:  # never let one message kill paho's thread
