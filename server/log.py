@@ -895,18 +895,23 @@ class ReplicatedLog:
             self.leader = s.meta.get("leader", "")
             for i, seq in s.meta.get("ids", []):
                 self._recent_ids[i] = seq
-        replayed = 0
+        replayed, complete = 0, True
         for first, last, payload in rec.batches:
             try:
                 b = codec.decode_batch(payload)
             except BadMessage as e:
                 log.warning("data dir: unreadable batch at %d: %s; stopping replay", first, e)
+                complete = False
                 break
             if b.first != self.applied + 1 or b.prev != self.hash:
                 log.warning("data dir: log does not continue at %d; stopping replay", first)
+                complete = False
                 break
             self._apply_batch(b, persist=False)
             replayed += 1
+        if not complete:
+            # Rewrite the directory to what was actually loaded; peers supply the rest.
+            self.datadir.reset(self._snapshot_state())
         self._leader_seen = 0.0
         log.info("recovered position %d (epoch %d, %d keys, %d batches replayed)",
                  self.applied, self.epoch, len(self.store), replayed)
