@@ -176,8 +176,13 @@ class VersionedStore:
         had_live = key in self
         kv = KeyVersions(max_version=max_version)
         for v in sorted(versions, key=lambda v: v.number):
+            # State transfers come from peers: refuse what no store could hold.
+            if not 1 <= v.number <= max_version or v.number in kv.by_number:
+                raise InvalidInput(f"bad version {v.number} for key {key!r} (max {max_version})")
             kv.by_number[v.number] = v
             kv.live.append(v.number)
+        if not 0 <= max_version <= INT32_MAX:
+            raise InvalidInput(f"bad max version {max_version} for key {key!r}")
         self._keys[key] = kv
         if had_live and not kv.live:
             self._live_keys.remove(key)
