@@ -34,11 +34,19 @@ def _version_arg(msg) -> int | None:
 
 
 class _Errors:
-    """Collects reasons and sends them once, as trailing metadata."""
+    """Collects reasons and sends them once, as trailing metadata.  Also tells
+    the client which server answered (initial metadata ``kvs-node``), which
+    matters when a client balances over several servers."""
+
+    node_md: tuple = ()
 
     def __init__(self, context):
         self.context = context
         self.reasons: list[str] = []
+        try:
+            context.send_initial_metadata(self.node_md)
+        except Exception:  # already sent / call gone
+            pass
 
     def add(self, reason: str, index: int | None = None) -> None:
         if len(self.reasons) < MAX_STREAM_ERRORS:
@@ -55,6 +63,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
     def __init__(self, rlog: ReplicatedLog, write_timeout: float,
                  max_key_len: int | None = None, max_value_len: int | None = None):
         self.log = rlog
+        _Errors.node_md = (("kvs-node", rlog.node),)
         self.write_timeout = write_timeout + 1.0
         self.max_key_len = max_key_len
         self.max_value_len = max_value_len

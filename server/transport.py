@@ -34,7 +34,7 @@ class BrokerConfig:
     tls_ca: str | None = None        # CA file: enables TLS to the broker
     tls_cert: str | None = None
     tls_key: str | None = None
-    keepalive: int = 5               # seconds; a dead peer is noticed within ~1.5x this
+    keepalive: int = 10              # seconds; a silent connection is dropped after ~1.5x this
     secret: bytes | None = None      # cluster secret: every message carries an HMAC
 
 

@@ -1,0 +1,332 @@
+"""The command table: name, aliases, arguments, help text and handler of every command.
+
+A handler takes the :class:`Context` (the running shell) and the command's
+words, and returns an :class:`Outcome` for the renderer.  Invalid input raises
+:class:`UsageError`; a server that cannot be reached raises a
+``client.ClientError``.  A -1 / blank answer from the server is an Outcome
+with ``ok=False`` and the server's reason in ``error``.
+
+No grpc here: the client is reached only through the Context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+MIN_LEN = 3
+INT32_MAX = 2**31 - 1
+
+
+class UsageError(ValueError):
+    """Invalid input: wrong arguments, a too-short key, a bad version..."""
+
+
+@dataclass
+class Outcome:
+    kind: str  # selects the renderer: put, get, del, mput, mget, mdel, snapshot, ...
+    data: Any = None
+    ok: bool = True
+    error: str = ""  # why the command failed (ok=False)
+    extra: dict = field(default_factory=dict)
+
+
+class Context(Protocol):  # what handlers need from the shell
+    client: Any
+    timing: bool
+
+    def connect(self, spec: str) -> str: ...
+    def wrote(self, keys: Sequence[str]) -> None: ...
+    def request_exit(self) -> None: ...
+
+
+# argument kinds drive completion and highlighting
+KEY, VALUE, VERSION, PREFIX, KEYVER, PAIRS, ONOFF, COMMAND, SERVER = (
+    "key", "value", "version", "prefix", "key[@ver]", "pairs", "on|off", "command", "server")
+
+
+@dataclass
+class Command:
+    name: str
+    aliases: tuple[str, ...]
+    syntax: str
+    summary: str
+    meaning: str
+    example: str
+    handler: Callable[[Context, list[str]], Outcome]
+    args: tuple[str, ...] = ()  # kinds of the positional args; PAIRS/KEYVER repeat
+    min_args: int = 0
+    max_args: int | None = 0  # None: unlimited
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def arg_kind(self, index: int) -> str | None:
+        """The kind of the positional argument number ``index`` (0-based)."""
+        if not self.args:
+            return None
+        if self.args[-1] == PAIRS:
+            return KEY if index % 2 == 0 else VALUE
+        if self.args[-1] == KEYVER and index >= len(self.args) - 1:
+            return KEYVER
+        return self.args[index] if index < len(self.args) else None
+
+
+# ---------------------------------------------------------------------------
+# validation (the server checks too; we refuse early with a clear message)
+# ---------------------------------------------------------------------------
+def check_key(key: str) -> str:
+    if len(key) < MIN_LEN:
+        raise UsageError(f"invalid key {key!r}: keys have at least {MIN_LEN} characters")
+    return key
+
+
+def check_value(value: str) -> str:
+    if len(value) < MIN_LEN:
+        raise UsageError(f"invalid value {value!r}: values have at least {MIN_LEN} characters")
+    return value
+
+
+def parse_version(text: str, what: str = "version") -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: expected a whole number") from None
+    if v < 1 or v > INT32_MAX:
+        raise UsageError(f"invalid {what} {v}: versions are 1..{INT32_MAX}")
+    return v
+
+
+def split_keyver(word: str) -> tuple[str, int | None]:
+    """``key@3`` -> (key, 3); ``key`` -> (key, None). Only an all-digit suffix is a version."""
+    head, sep, tail = word.rpartition("@")
+    if sep and tail.isdigit() and head:
+        return check_key(head), parse_version(tail)
+    return check_key(word), None
+
+
+def _arity(cmd: Command, args: list[str]) -> None:
+    if len(args) < cmd.min_args or (cmd.max_args is not None and len(args) > cmd.max_args):
+        raise UsageError(f"usage: {cmd.syntax}")
+
+
+# ---------------------------------------------------------------------------
+# handlers
+# ---------------------------------------------------------------------------
+def do_put(ctx: Context, args: list[str]) -> Outcome:
+    key, value = check_key(args[0]), check_value(args[1])
+    r = ctx.client.put(key, value)
+    ctx.wrote([key])
+    return Outcome("put", r, ok=r.ok, error="" if r.ok else _refused("put", key, r.error))
+
+
+def do_get(ctx: Context, args: list[str]) -> Outcome:
+    key = check_key(args[0])
+    version = parse_version(args[1]) if len(args) > 1 else None
+    r = ctx.client.get(key, version)
+    return Outcome("get", r)  # not found is a normal answer
+
+
+def do_del(ctx: Context, args: list[str]) -> Outcome:
+    key = check_key(args[0])
+    version = parse_version(args[1]) if len(args) > 1 else None
+    r = ctx.client.delete(key, version)
+    ctx.wrote([key])
+    return Outcome("del", r, ok=r.ok, error="" if r.ok else _refused("del", key, r.error))
+
+
+def do_mput(ctx: Context, args: list[str]) -> Outcome:
+    if len(args) % 2:
+        raise UsageError("usage: mput KEY VALUE [KEY VALUE ...] (pairs: the last value is missing)")
+    pairs = [(check_key(args[i]), check_value(args[i + 1])) for i in range(0, len(args), 2)]
+    rows = ctx.client.mput(pairs)
+    ctx.wrote([k for k, _ in pairs])
+    return _batch("mput", rows)
+
+
+def do_mget(ctx: Context, args: list[str]) -> Outcome:
+    items = [split_keyver(w) for w in args]
+    return Outcome("mget", ctx.client.mget(items))
+
+
+def do_mdel(ctx: Context, args: list[str]) -> Outcome:
+    items = [split_keyver(w) for w in args]
+    rows = ctx.client.mdel(items)
+    ctx.wrote([k for k, _ in items])
+    return _batch("mdel", rows)
+
+
+def _batch(kind: str, rows) -> Outcome:
+    bad = [r for r in rows if not r.ok]
+    err = "; ".join(_refused(kind, r.key, r.error) for r in bad)
+    return Outcome(kind, rows, ok=not bad, error=err)
+
+
+def _refused(op: str, key: str, reason: str) -> str:
+    return f"{op} {key}: refused by the server" + (f": {reason}" if reason else " (no reason given)")
+
+
+def do_snapshot(ctx: Context, args: list[str]) -> Outcome:
+    version = parse_version(args[0]) if args else 0
+    rows, err = ctx.client.snapshot(version)
+    extra: dict = {"version": version, "details": _written_through(ctx, rows)}
+    return Outcome("snapshot", rows, extra=extra)
+
+
+SNAPSHOT_DETAILS = 100  # up to this many keys, snapshot also shows node / time of each row
+
+
+def _written_through(ctx: Context, rows) -> dict:
+    """key -> VersionInfo of the version in the snapshot (node, time), for small snapshots.
+    Best effort: a key whose history cannot be read simply has no details."""
+    if not rows or len(rows) > SNAPSHOT_DETAILS:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(r):
+        try:
+            h = ctx.client.history(r.key)
+        except Exception:  # noqa: BLE001 - details are optional
+            return r.key, None
+        return r.key, next((v for v in h.versions if v.version == r.version), None)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return {k: v for k, v in pool.map(one, rows) if v is not None}
+
+
+def do_history(ctx: Context, args: list[str]) -> Outcome:
+    key = check_key(args[0])
+    h = ctx.client.history(key)
+    return Outcome("history", h)
+
+
+def do_keys(ctx: Context, args: list[str]) -> Outcome:
+    prefix = args[0] if args else ""
+    keys: list[str] = []
+    after = ""
+    while True:  # page through the whole listing
+        page = ctx.client.list_keys(prefix, limit=1000, start_after=after)
+        keys.extend(page.keys)
+        if not page.truncated or not page.keys:
+            break
+        after = page.keys[-1]
+    return Outcome("keys", keys, extra={"prefix": prefix})
+
+
+def do_status(ctx: Context, args: list[str]) -> Outcome:
+    nodes = ctx.client.cluster_status()
+    down = [n for n in nodes if not n.up]
+    return Outcome("status", nodes, extra={"down": len(down)})
+
+
+def do_connect(ctx: Context, args: list[str]) -> Outcome:
+    msg = ctx.connect(args[0])
+    return Outcome("info", msg)
+
+
+def do_timing(ctx: Context, args: list[str]) -> Outcome:
+    if args:
+        word = args[0].lower()
+        if word not in ("on", "off"):
+            raise UsageError("usage: timing on|off")
+        ctx.timing = word == "on"
+    else:
+        ctx.timing = not ctx.timing
+    return Outcome("info", f"timing is {'on' if ctx.timing else 'off'}")
+
+
+def do_help(ctx: Context, args: list[str]) -> Outcome:
+    if args:
+        cmd = lookup(args[0])
+        if cmd is None:
+            raise UsageError(f"unknown command {args[0]!r}; type help for the list")
+        return Outcome("help", [cmd], extra={"detail": True})
+    return Outcome("help", list(COMMANDS), extra={"detail": False})
+
+
+def do_exit(ctx: Context, args: list[str]) -> Outcome:
+    ctx.request_exit()
+    return Outcome("none")
+
+
+COMMANDS: list[Command] = [
+    Command("put", ("insere", "set"), "put KEY VALUE", "store VALUE as the next version of KEY",
+            "Stores VALUE as a new version of KEY (the first insert is version 1, each further "
+            "insert +1) and prints the version it got. Keys and values have at least 3 characters; "
+            "quote values with spaces.", 'put user:1 "Ada Lovelace"', do_put,
+            (KEY, VALUE), 2, 2),
+    Command("get", ("consulta",), "get KEY [VERSION]", "read KEY (latest, or the greatest version <= VERSION)",
+            "Reads KEY. Without VERSION: the latest version. With VERSION: the greatest live version "
+            "<= VERSION, and the answer says which version actually answered. A key or version "
+            "that is not found is a normal answer.", "get user:1 2", do_get,
+            (KEY, VERSION), 1, 2),
+    Command("del", ("remove", "rm", "delete"), "del KEY [VERSION]", "remove one version, or every version of KEY",
+            "Without VERSION removes every live version of KEY and prints the highest one removed; "
+            "with VERSION removes exactly that version. Removed version numbers are never reused. "
+            "Removing an unknown key or version is refused by the server (a failed command).",
+            "del user:1 1", do_del, (KEY, VERSION), 1, 2),
+    Command("mput", ("insere-v",), "mput KEY VALUE [KEY VALUE ...]", "put several pairs in one stream",
+            "Puts every KEY VALUE pair through one InsereVarias stream; one answer per pair, in "
+            "order. Fails if any pair was refused.", "mput k01 v01 k02 v02", do_mput,
+            (PAIRS,), 2, None),
+    Command("mget", ("consulta-v",), "mget KEY[@VERSION] ...", "get several keys in one stream",
+            "Reads every KEY (at VERSION when written KEY@VERSION; only an all-digit suffix after "
+            "the last @ is a version) through one ConsultaVarias stream.", "mget k01 k02@1",
+            do_mget, (KEYVER,), 1, None),
+    Command("mdel", ("remove-v",), "mdel KEY[@VERSION] ...", "remove several keys/versions in one stream",
+            "Removes every KEY (only VERSION when written KEY@VERSION) through one RemoveVarias "
+            "stream. Fails if any removal was refused.", "mdel k01 k02@1", do_mdel,
+            (KEYVER,), 1, None),
+    Command("snapshot", (), "snapshot [VERSION]", "every key at VERSION (default: latest)",
+            "Lists every key with its value at the greatest live version <= VERSION (the latest "
+            "when VERSION is left out). Keys with nothing qualifying are left out.", "snapshot 2",
+            do_snapshot, (VERSION,), 0, 1),
+    Command("history", ("hist",), "history KEY", "every live version of KEY, newest first",
+            "Shows every live version of KEY: version, value, size, the server it was written "
+            "through and when.", "history user:1", do_history, (KEY,), 1, 1),
+    Command("keys", ("ls",), "keys [PREFIX]", "list live keys (starting with PREFIX)",
+            "Lists every key that has at least one live version, sorted, optionally only those "
+            "starting with PREFIX.", "keys user:", do_keys, (PREFIX,), 0, 1),
+    Command("status", (), "status", "every server of the cluster: up/down, position, lag, keys",
+            "Asks every configured server (and every peer they report) for its status: up or "
+            "down, node id, state, applied log position, lag behind the sequencer "
+            "(leader_seq - applied_seq) and key count.", "status", do_status, (), 0, 0),
+    Command("connect", (), "connect PORT|HOST:PORT|P1,P2,...", "switch to other server(s)",
+            "Connects to another server, or to a cluster of servers (round robin with failover), "
+            "without restarting the shell.", "connect 9000,9001,9002", do_connect,
+            (SERVER,), 1, 1),
+    Command("timing", (), "timing [on|off]", "show how long each command took",
+            "Turns the elapsed-time line after each command on or off (toggles without argument).",
+            "timing on", do_timing, (ONOFF,), 0, 1),
+    Command("help", ("?",), "help [COMMAND]", "list commands, or explain one",
+            "Without argument lists every command; with one shows its syntax, meaning and an "
+            "example.", "help get", do_help, (COMMAND,), 0, 1),
+    Command("exit", ("quit", r"\q"), "exit", "leave the shell (Ctrl-D too)",
+            "Leaves the shell. The servers keep running.", "exit", do_exit, (), 0, 0),
+]
+
+_BY_NAME: dict[str, Command] = {}
+for _c in COMMANDS:
+    for _n in _c.names:
+        _BY_NAME[_n] = _c
+WRITE_COMMANDS = {"put", "del", "mput", "mdel"}
+
+
+def lookup(name: str) -> Command | None:
+    return _BY_NAME.get(name.lower())
+
+
+def all_names() -> list[str]:
+    return sorted(_BY_NAME)
+
+
+def run(ctx: Context, words: list[str]) -> Outcome:
+    """Run one command (its words, already split). Raises UsageError / client errors."""
+    cmd = lookup(words[0])
+    if cmd is None:
+        raise UsageError(f"unknown command {words[0]!r}; type help for the list")
+    args = words[1:]
+    _arity(cmd, args)
+    out = cmd.handler(ctx, args)
+    out.extra.setdefault("command", cmd.name)
+    return out

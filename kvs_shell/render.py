@@ -1,0 +1,398 @@
+"""Output: rich tables (``table``), tab-separated lines (``plain``) or JSON lines (``json``).
+
+- ``table``: for people at a terminal; coloured when stdout is a TTY.
+- ``plain``: one result per line, fields separated by a TAB, no header; backslash,
+  TAB, CR and newline inside values are written ``\\\\`` ``\\t`` ``\\r`` ``\\n`` so a
+  record is always exactly one line.
+- ``json``: one JSON object per line (JSON Lines); batch commands, ``snapshot``
+  and ``status`` write one object per item.
+
+Results go to stdout, errors (and, outside the interactive shell, information
+messages and timing) to stderr.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from .commands import Command, Outcome
+
+FORMATS = ("table", "plain", "json")
+PREVIEW = 48  # characters of a value shown in tables
+TABLE_ROWS = 1000  # rows shown in a table before "... N more"
+
+
+def elide(value: str, width: int = PREVIEW) -> str:
+    one_line = value.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    if len(one_line) <= width:
+        return one_line
+    return one_line[: width - 1] + "…"
+
+
+def size_text(value: str) -> str:
+    n = len(value.encode("utf-8"))
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 / 1024:.1f} MiB"
+
+
+def when_text(ts: float) -> str:
+    if not ts:
+        return ""
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def esc_plain(value: str) -> str:
+    return (value.replace("\\", "\\\\").replace("\t", "\\t")
+            .replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _iso(ts: float) -> str:
+    if not ts:
+        return ""
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Renderer:
+    def __init__(self, fmt: str = "table", out: TextIO | None = None, err: TextIO | None = None,
+                 color: bool | None = None, interactive: bool = False, width: int | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+        self.fmt = fmt
+        self.out_file = out or sys.stdout
+        self.err_file = err or sys.stderr
+        self.interactive = interactive
+        color = self.out_file.isatty() if color is None else color
+        self.out = Console(file=self.out_file, force_terminal=color, no_color=not color,
+                           highlight=False, soft_wrap=False, width=width,
+                           color_system="auto" if color else None)
+        ecolor = color and self.err_file.isatty()
+        self.err = Console(file=self.err_file, force_terminal=ecolor, no_color=not ecolor,
+                           highlight=False, color_system="auto" if ecolor else None, width=width)
+
+    # -- low level -------------------------------------------------------------
+    def _line(self, *fields: Any) -> None:
+        self.out_file.write("\t".join(esc_plain(str(f)) for f in fields) + "\n")
+
+    def _json(self, obj: Any) -> None:
+        self.out_file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        for f in (self.out_file, self.err_file):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def error(self, message: str) -> None:
+        if self.err.is_terminal:
+            self.err.print(Text("error: ", style="bold red") + Text(message))
+        else:
+            self.err_file.write(f"error: {message}\n")
+        self.flush()
+
+    def info(self, message: str) -> None:
+        """Information (connect, timing...): stdout when interactive, else stderr."""
+        if self.interactive:
+            self.out.print(Text(message, style="cyan"))
+        else:
+            self.err_file.write(message + "\n")
+
+    def timing(self, seconds: float, peer: str = "") -> None:
+        msg = f"({seconds * 1000:.1f} ms" + (f" via {peer})" if peer else ")")
+        if self.interactive:
+            self.out.print(Text(msg, style="dim"))
+        else:
+            self.err_file.write(msg + "\n")
+
+    # -- dispatch --------------------------------------------------------------
+    def render(self, outcome: Outcome) -> None:
+        fn = getattr(self, f"_r_{outcome.kind}", None)
+        if fn is not None:
+            fn(outcome)
+        self.flush()
+
+    def _r_none(self, o: Outcome) -> None:
+        pass
+
+    def _r_info(self, o: Outcome) -> None:
+        self.info(str(o.data))
+
+    # -- single-key commands ---------------------------------------------------
+    def _r_put(self, o: Outcome) -> None:
+        r = o.data
+        if self.fmt == "json":
+            self._json(_drop_none({"op": "put", "key": r.key, "version": r.version, "ok": r.ok,
+                                   "error": r.error or None}))
+        elif not r.ok:
+            return  # the error goes to stderr
+        elif self.fmt == "plain":
+            self._line(r.key, r.version)
+        else:
+            self.out.print(Text.assemble(("OK ", "bold green"), (r.key, "bold"),
+                                         " → version ", (str(r.version), "bold cyan")))
+
+    def _r_del(self, o: Outcome) -> None:
+        r = o.data
+        if self.fmt == "json":
+            self._json(_drop_none({"op": "del", "key": r.key, "requested": r.requested,
+                                   "version": r.version, "ok": r.ok, "error": r.error or None}))
+        elif not r.ok:
+            return
+        elif self.fmt == "plain":
+            self._line(r.key, r.version)
+        else:
+            what = (f"version {r.version}" if r.requested is not None
+                    else f"every version (highest {r.version})")
+            self.out.print(Text.assemble(("OK ", "bold green"), "removed ", (r.key, "bold"),
+                                         " ", what))
+
+    def _get_json(self, r) -> dict:
+        return _drop_none({"op": "get", "key": r.key, "requested": r.requested,
+                           "version": r.version, "value": r.value if r.found else None,
+                           "found": r.found, "error": r.error or None})
+
+    def _get_plain(self, r) -> None:
+        if r.found:
+            self._line(r.key, r.version, r.value)
+        else:
+            self._line(r.key if r.requested is None else f"{r.key}@{r.requested}", "(not found)")
+
+    def _r_get(self, o: Outcome) -> None:
+        r = o.data
+        if self.fmt == "json":
+            self._json(self._get_json(r))
+        elif self.fmt == "plain":
+            self._get_plain(r)
+        else:
+            self.out.print(self._get_text(r))
+
+    def _get_text(self, r) -> Text:
+        asked = r.key if r.requested is None else f"{r.key}@{r.requested}"
+        if not r.found:
+            t = Text.assemble(("(not found) ", "yellow"), (asked, "bold"))
+            if r.requested is not None:
+                t.append(f" — no live version ≤ {r.requested}", style="dim")
+            if r.error:
+                t.append(f" ({r.error})", style="dim")
+            return t
+        t = Text.assemble((r.key, "bold"), " = ", (repr_value(r.value), "green"), "  ")
+        if r.requested is not None and r.requested != r.version:
+            t.append(f"(asked ≤ {r.requested}, answered by version {r.version})", style="cyan")
+        else:
+            t.append(f"(version {r.version})", style="cyan")
+        return t
+
+    # -- batches -----------------------------------------------------------------
+    def _r_mput(self, o: Outcome) -> None:
+        self._written_rows("mput", o.data)
+
+    def _r_mdel(self, o: Outcome) -> None:
+        self._written_rows("mdel", o.data)
+
+    def _written_rows(self, op: str, rows) -> None:
+        if self.fmt == "json":
+            for r in rows:
+                self._json(_drop_none({"op": op, "key": r.key, "requested": r.requested,
+                                       "version": r.version, "ok": r.ok,
+                                       "error": r.error or None}))
+        elif self.fmt == "plain":
+            for r in rows:
+                self._line(r.key, r.version)
+        else:
+            t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+            t.add_column("key")
+            if op == "mdel":
+                t.add_column("asked", justify="right")
+            t.add_column("version", justify="right")
+            t.add_column("result")
+            for r in rows:
+                cells = [escape(r.key)]
+                if op == "mdel":
+                    cells.append("all" if r.requested is None else str(r.requested))
+                cells.append(str(r.version))
+                cells.append("[green]ok[/]" if r.ok else f"[red]refused[/] {escape(r.error)}")
+                t.add_row(*cells)
+            self.out.print(t)
+
+    def _r_mget(self, o: Outcome) -> None:
+        if self.fmt == "json":
+            for r in o.data:
+                self._json(self._get_json(r))
+        elif self.fmt == "plain":
+            for r in o.data:
+                self._get_plain(r)
+        else:
+            t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+            for col, just in (("key", "left"), ("asked", "right"), ("version", "right"),
+                              ("value", "left")):
+                t.add_column(col, justify=just)
+            for r in o.data:
+                t.add_row(escape(r.key), "" if r.requested is None else str(r.requested),
+                          str(r.version) if r.found else "-",
+                          escape(elide(r.value)) if r.found else "[yellow](not found)[/]")
+            self.out.print(t)
+
+    # -- listings ------------------------------------------------------------------
+    def _r_snapshot(self, o: Outcome) -> None:
+        rows = o.data
+        details = o.extra.get("details", {})
+        if self.fmt == "json":
+            for r in rows:
+                d = details.get(r.key)
+                self._json(_drop_none({"key": r.key, "version": r.version, "value": r.value,
+                                       "node": d.node if d else None,
+                                       "written_at": _iso(d.written_at) if d else None}))
+        elif self.fmt == "plain":
+            for r in rows:
+                self._line(r.key, r.version, r.value)
+        else:
+            ver = o.extra.get("version") or 0
+            title = f"snapshot at version ≤ {ver}" if ver else "snapshot (latest)"
+            t = Table(title=title, title_justify="left", header_style="bold")
+            t.add_column("key")
+            t.add_column("version", justify="right")
+            t.add_column("value")
+            t.add_column("size", justify="right")
+            if details:
+                t.add_column("node")
+                t.add_column("written")
+            for r in rows[:TABLE_ROWS]:
+                cells = [escape(r.key), str(r.version), escape(elide(r.value)), size_text(r.value)]
+                if details:
+                    d = details.get(r.key)
+                    cells += [escape(d.node) if d else "", when_text(d.written_at) if d else ""]
+                t.add_row(*cells)
+            t.caption = _more(len(rows), "key")
+            self.out.print(t)
+
+    def _r_history(self, o: Outcome) -> None:
+        h = o.data
+        if self.fmt == "json":
+            self._json({"key": h.key, "max_version": h.max_version,
+                        "versions": [{"version": v.version, "value": v.value, "node": v.node,
+                                      "written_at": _iso(v.written_at), "seq": v.seq}
+                                     for v in h.versions]})
+        elif self.fmt == "plain":
+            for v in h.versions:
+                self._line(v.version, v.value, v.node, _iso(v.written_at))
+        else:
+            t = Table(title=f"history of {escape(h.key)}", title_justify="left",
+                      header_style="bold")
+            t.add_column("version", justify="right")
+            t.add_column("value")
+            t.add_column("size", justify="right")
+            t.add_column("node")
+            t.add_column("written")
+            t.add_column("seq", justify="right")
+            for v in h.versions[:TABLE_ROWS]:
+                t.add_row(str(v.version), escape(elide(v.value)), size_text(v.value),
+                          escape(v.node), when_text(v.written_at), str(v.seq))
+            n = len(h.versions)
+            t.caption = (f"{n} live version{'s' if n != 1 else ''}, highest ever {h.max_version}"
+                         if h.max_version else "key never written")
+            self.out.print(t)
+
+    def _r_keys(self, o: Outcome) -> None:
+        keys = o.data
+        if self.fmt == "json":
+            self._json({"prefix": o.extra.get("prefix", ""), "keys": keys})
+        elif self.fmt == "plain":
+            for k in keys:
+                self._line(k)
+        else:
+            for k in keys[:TABLE_ROWS]:
+                self.out.print(Text(k))
+            more = _more(len(keys), "key")
+            self.out.print(Text(more or f"({len(keys)} key{'s' if len(keys) != 1 else ''})",
+                                style="dim"))
+
+    def _r_status(self, o: Outcome) -> None:
+        nodes = o.data
+        if self.fmt == "json":
+            for n in nodes:
+                d = asdict(n) if is_dataclass(n) else dict(n)
+                d["lag"] = n.lag
+                self._json(d)
+        elif self.fmt == "plain":
+            for n in nodes:
+                if n.up:
+                    self._line(n.address, "up", n.node_id, n.state, n.applied_seq, n.lag, n.keys)
+                else:
+                    self._line(n.address, "down", n.node_id, n.error)
+        else:
+            t = Table(title="cluster status", title_justify="left", header_style="bold")
+            for col, just in (("server", "left"), ("up", "left"), ("node", "left"),
+                              ("state", "left"), ("applied", "right"), ("lag", "right"),
+                              ("keys", "right"), ("leader", "left"), ("broker", "left")):
+                t.add_column(col, justify=just)
+            for n in nodes:
+                if n.up:
+                    state_style = "green" if n.state == "in-step" else "yellow"
+                    t.add_row(escape(n.address), "[green]up[/]", escape(n.node_id),
+                              f"[{state_style}]{escape(n.state)}[/]", str(n.applied_seq),
+                              str(n.lag), str(n.keys), escape(n.leader),
+                              "ok" if n.broker_connected else "[red]disconnected[/]")
+                else:
+                    t.add_row(escape(n.address), "[red]down[/]", escape(n.node_id),
+                              escape(n.error), "", "", "", "", "")
+            self.out.print(t)
+
+    def _r_help(self, o: Outcome) -> None:
+        cmds: list[Command] = o.data
+        if self.fmt == "json":
+            self._json({"commands": [{"name": c.name, "aliases": list(c.aliases),
+                                      "syntax": c.syntax, "summary": c.summary,
+                                      "meaning": c.meaning, "example": c.example}
+                                     for c in cmds]})
+            return
+        if o.extra.get("detail"):
+            c = cmds[0]
+            if self.fmt == "plain":
+                self.out_file.write(f"{c.syntax}\n{c.meaning}\nexample: {c.example}\n")
+                if c.aliases:
+                    self.out_file.write(f"aliases: {', '.join(c.aliases)}\n")
+                return
+            self.out.print(Text(c.syntax, style="bold"))
+            self.out.print(c.meaning, markup=False)
+            self.out.print(Text.assemble(("example: ", "dim"), (c.example, "cyan")))
+            if c.aliases:
+                self.out.print(Text.assemble(("aliases: ", "dim"), ", ".join(c.aliases)))
+            return
+        if self.fmt == "plain":
+            for c in cmds:
+                self._line(c.syntax, c.summary)
+            return
+        t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+        t.add_column("command")
+        t.add_column("meaning")
+        t.add_column("aliases", style="dim")
+        for c in cmds:
+            t.add_row(escape(c.syntax), escape(c.summary), escape(", ".join(c.aliases)))
+        self.out.print(t)
+        self.out.print(Text("help COMMAND shows an example; TAB completes commands, keys and "
+                            "versions; `;` separates commands; # starts a comment.", style="dim"))
+
+
+def repr_value(value: str) -> str:
+    return '"' + elide(value, 200).replace('"', '\\"') + '"'
+
+
+def _more(n: int, noun: str) -> str:
+    if n > TABLE_ROWS:
+        return f"… {n - TABLE_ROWS} more {noun}s not shown (use --format plain or json)"
+    return ""
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None or k in ("requested", "value")}
