@@ -572,6 +572,9 @@ class ReplicatedLog:
         claims of one epoch (a split election) are settled by the lower id."""
         if leader == self.node:
             return True
+        m = self.members.get(leader)
+        if m is None or not m.online:
+            return True  # only a server that announced itself can lead
         return epoch < self.epoch or (epoch == self.epoch and bool(self.leader)
                                       and leader > self.leader)
 
