@@ -122,8 +122,8 @@ def _parse(payload: bytes) -> dict:
         raise BadMessage("payload missing or too large")
     try:
         doc = _loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"not JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadMessage(f"not JSON: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
         raise BadMessage("not a JSON object")
     return doc

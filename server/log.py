@@ -557,6 +557,14 @@ class ReplicatedLog:
                 self._recent_bytes -= sum(len(p) for _, _, p in self._recent[:drop])
                 del self._recent[:drop]
 
+    def _kept_payload(self, first: int) -> bytes | None:
+        """The bytes of the kept batch that starts at ``first``, if any."""
+        with self._recent_lock:
+            i = bisect.bisect_left(self._recent, (first,))
+            if i < len(self._recent) and self._recent[i][0] == first:
+                return self._recent[i][2]
+        return None
+
     def _handle_log(self, payload: bytes) -> list[tuple[str, Outcome]]:
         try:
             doc = codec.decode_log(payload)
