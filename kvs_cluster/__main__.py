@@ -2,7 +2,14 @@
 
     up      start a Mosquitto broker (unless --broker-port points at a running one)
             and KVS servers, detached (they keep running after this command exits);
-            pid files, logs and data go under --dir (default ./run)
+            pid files, logs and data go under --dir (default ./run).
+            Secure by default: on first start it generates (mode 0600, under --dir)
+            a client token, a cluster secret (HMAC of every broker message), the
+            servers' broker password (password_file + acl_file) and a CA + certificate
+            (TLS for gRPC and for the broker), and writes --dir/client.env for clients
+            (`. run/client.env` sets KVS_TOKEN_FILE, KVS_TLS_CA, KVS_SHELL_SERVERS).
+            --no-tls: everything but TLS.  --insecure: the course's plain mode
+            (anonymous broker, no token, no TLS, unsigned messages).
     status  show what runs (pids, and each server's KVSExt.Status)
     down    stop the servers (SIGTERM, SIGKILL after a deadline), then the broker if
             `up` started it
@@ -13,13 +20,18 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .launcher import HOST, PROJECT_ROOT, Broker, Server, free_port, port_open
+from .security import Security, env_file_text
 
 STATE_FILE = "cluster.json"
+CLIENT_ENV = "client.env"
+SERVER_ENV = "server.env"
+_CLIENT_VARS = ("KVS_TOKEN", "KVS_TOKEN_FILE", "KVS_TLS_CA", "KVS_CLIENT_CERT", "KVS_CLIENT_KEY")
 
 
 # ---------------------------------------------------------------------------
@@ -111,18 +123,34 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"port(s) already in use: {busy}", file=sys.stderr)
         return 1
 
-    state = {"dir": str(run_dir), "broker": None, "servers": []}
+    state = {"dir": str(run_dir), "broker": None, "servers": [], "security": None}
     started_broker: Broker | None = None
-    if args.broker_port and port_open(args.broker_port, args.mqtt_host):
+    external = bool(args.broker_port and port_open(args.broker_port, args.mqtt_host))
+    if not external and args.broker_port and args.mqtt_host not in (HOST, "localhost"):
+        print(f"no broker reachable at {args.mqtt_host}:{args.broker_port}", file=sys.stderr)
+        return 1
+    security: Security | None = None
+    if not args.insecure:
+        try:
+            # An external broker has its own accounts and listener: we can only
+            # secure what we run (gRPC TLS, client token, signed messages).
+            security = Security.ensure(run_dir, tls=not args.no_tls,
+                                       mqtt_tls=False if external else None,
+                                       broker_auth=not external)
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            print(f"cannot set up security under {run_dir}: {exc}\n"
+                  f"(use --insecure for the plain mode)", file=sys.stderr)
+            return 1
+        state["security"] = security.to_json()
+    if external:
         state["broker"] = {"host": args.mqtt_host, "port": args.broker_port, "pid": None, "owned": False}
         broker_host, broker_port = args.mqtt_host, args.broker_port
-        print(f"using the broker already running at {args.mqtt_host}:{args.broker_port}")
+        print(f"using the broker already running at {args.mqtt_host}:{args.broker_port}"
+              + (" (its accounts/ACL/TLS are not managed here)" if security else ""))
     else:
-        if args.broker_port and args.mqtt_host not in (HOST, "localhost"):
-            print(f"no broker reachable at {args.mqtt_host}:{args.broker_port}", file=sys.stderr)
-            return 1
         port = args.broker_port or free_port()
-        started_broker = Broker.start(port=port, workdir=run_dir / "broker", detach=True)
+        started_broker = Broker.start(port=port, workdir=run_dir / "broker", detach=True,
+                                      security=security)
         _write_pid(run_dir / "broker.pid", started_broker.pid)
         state["broker"] = {"host": HOST, "port": port, "pid": started_broker.pid, "owned": True,
                            "log": str(started_broker.log_path), "conf": str(started_broker.conf_path)}
@@ -135,13 +163,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         data_dir = None if args.no_persist else node_dir / "data"
         srv = Server.start(port, broker_port, data_dir=data_dir, extra_args=args.server_args,
                            log_path=node_dir / "server.log", mqtt_host=broker_host, detach=True,
-                           python=python)
+                           python=python, security=security)
         servers.append(srv)
         _write_pid(run_dir / f"server-{port}.pid", srv.pid)
         state["servers"].append({"port": port, "address": srv.address, "pid": srv.pid,
                                  "log": str(srv.log_path),
                                  "data_dir": str(data_dir) if data_dir else None})
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    _write_env_files(run_dir, security, [s.address for s in servers], broker_host, broker_port)
 
     if not args.no_wait:
         deadline = time.monotonic() + args.timeout
@@ -160,9 +189,35 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"server   {s['address']}  (pid {s['pid']}, log {s['log']}"
               + (f", data {s['data_dir']})" if s["data_dir"] else ", in-memory only)"))
     print(f"state    {run_dir / STATE_FILE}")
-    print(f"more servers: KVS_MQTT_HOST={b['host']} KVS_MQTT_PORT={b['port']} ./server.sh PORT")
+    if security:
+        print(f"security {', '.join(security.enabled)}; secrets under {run_dir} (mode 0600)")
+    else:
+        print("security OFF (--insecure): anonymous broker, no token, no TLS, unsigned messages")
+    print(f"clients: . {run_dir / CLIENT_ENV} && .venv/bin/python -m kvs_shell")
+    print(f"more servers: (set -a; . {run_dir / SERVER_ENV}; ./server.sh PORT)")
     print(f"stop:    .venv/bin/python -m kvs_cluster down --dir {args.dir}")
     return 0
+
+
+def _write_env_files(run_dir: Path, security: Security | None, addresses: list[str],
+                     broker_host: str, broker_port: int) -> None:
+    """client.env: what kvs_shell / client.sh need; server.env: what one more
+    ./server.sh needs.  Both hold file paths only (the secrets stay in their 0600 files)."""
+    client = {"KVS_SHELL_SERVERS": ",".join(addresses)}
+    server = {"KVS_MQTT_HOST": broker_host, "KVS_MQTT_PORT": str(broker_port)}
+    if security:
+        client.update(security.client_env())
+        server.update(security.server_env())
+    unset = [v for v in _CLIENT_VARS if v not in client]
+    text = env_file_text(client, "KVS client settings for the cluster in this directory "
+                                 "(written by `python -m kvs_cluster up`).\n"
+                                 "Use:  . ./client.env   (sh/bash), then run kvs_shell or client.sh")
+    if unset:
+        text += f"unset {' '.join(unset)}\n"
+    (run_dir / CLIENT_ENV).write_text(text)
+    (run_dir / SERVER_ENV).write_text(env_file_text(
+        server, "KVS server settings for one more server of this cluster.\n"
+                "Use:  (set -a; . ./server.env; ./server.sh PORT)"))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -184,12 +239,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         any_up |= alive
         line = f"server   {s['address']}  pid {s['pid']}  {'running' if alive else 'NOT running'}"
         if alive:
-            line += "  " + _status_line(s["address"])
+            line += "  " + _status_line(s["address"], Security.from_json(state.get("security")))
         print(line)
     return 0 if any_up else 3
 
 
-def _status_line(address: str) -> str:
+def _status_line(address: str, security: Security | None = None) -> str:
     if str(PROJECT_ROOT) not in sys.path:
         sys.path.insert(0, str(PROJECT_ROOT))
     try:
@@ -198,12 +253,16 @@ def _status_line(address: str) -> str:
     except ImportError as exc:  # stubs not generated
         return f"(no status: {exc})"
     try:
-        with grpc.insecure_channel(address) as ch:
-            st = kvs_pb2_grpc.KVSExtStub(ch).Status(kvs_pb2.StatusRequest(), timeout=2.0)
+        with (security.channel(address) if security else grpc.insecure_channel(address)) as ch:
+            st = kvs_pb2_grpc.KVSExtStub(ch).Status(
+                kvs_pb2.StatusRequest(), timeout=2.0,
+                metadata=security.metadata() if security else None)
         return (f"node={st.node_id} state={st.state} applied_seq={st.applied_seq} "
                 f"leader={st.leader or '-'} keys={st.keys} broker={'up' if st.broker_connected else 'down'}")
     except grpc.RpcError as exc:
         return f"(status: {exc.code().name} {exc.details()})"
+    except OSError as exc:  # a secret / CA file went missing
+        return f"(status: {exc})"
 
 
 def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:
@@ -243,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-persist", action="store_true", help="servers without a data directory")
     up.add_argument("--no-wait", action="store_true", help="do not wait for the servers to be SERVING")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
+    up.add_argument("--insecure", action="store_true",
+                    help="the course's plain mode: anonymous broker, no client token, no TLS, "
+                         "unsigned broker messages")
+    up.add_argument("--no-tls", action="store_true",
+                    help="secure mode without TLS (token, broker password/ACL, signed messages)")
     up.add_argument("server_args", nargs=argparse.REMAINDER,
                     help="after `--`: extra flags for every server")
 

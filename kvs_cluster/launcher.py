@@ -24,7 +24,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .security import Security
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -150,23 +153,28 @@ def mosquitto_binary() -> str:
 class Broker:
     """A Mosquitto broker with its default settings, listening on 127.0.0.1:port."""
 
-    def __init__(self, port: int, workdir: Path, extra_conf: str = "", detach: bool = False):
+    def __init__(self, port: int, workdir: Path, extra_conf: str = "", detach: bool = False,
+                 security: "Security | None" = None):
         self.port = port
         self.workdir = Path(workdir)
         self.extra_conf = extra_conf
         self.detach = detach
+        self.security = security
         self.conf_path = self.workdir / f"mosquitto-{port}.conf"
         self.log_path = self.workdir / f"mosquitto-{port}.log"
         self.proc: subprocess.Popen | None = None
 
     @classmethod
     def start(cls, port: int | None = None, workdir: Path | str | None = None,
-              extra_conf: str = "", timeout: float = 10.0, detach: bool = False) -> "Broker":
+              extra_conf: str = "", timeout: float = 10.0, detach: bool = False,
+              security: "Security | None" = None) -> "Broker":
+        """``security``: opt-in password_file/acl_file and a TLS-only listener
+        (see :class:`kvs_cluster.security.Security`); default: anonymous, plain."""
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="kvs-broker-"))
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        broker = cls(port or free_port(), workdir, extra_conf, detach=detach)
+        broker = cls(port or free_port(), workdir, extra_conf, detach=detach, security=security)
         broker._launch(timeout)
         return broker
 
@@ -181,7 +189,8 @@ class Broker:
     def _write_conf(self) -> None:
         # Only what is needed to listen locally without auth; everything else
         # (max_queued_messages 1000, persistence false, ...) stays at Mosquitto's defaults.
-        conf = f"listener {self.port} {HOST}\nallow_anonymous true\n"
+        conf = f"listener {self.port} {HOST}\n"
+        conf += self.security.broker_conf() if self.security else "allow_anonymous true\n"
         if self.extra_conf:
             conf += self.extra_conf.rstrip("\n") + "\n"
         self.conf_path.write_text(conf)
@@ -258,7 +267,9 @@ class Server:
 
     def __init__(self, port: int, broker_port: int, data_dir: Path | None, node_id: str | None,
                  extra_args: Sequence[str], env: Mapping[str, str] | None, log_path: Path,
-                 mqtt_host: str = HOST, detach: bool = False, python: str | None = None):
+                 mqtt_host: str = HOST, detach: bool = False, python: str | None = None,
+                 security: "Security | None" = None):
+        self.security = security
         self.port = port
         self.broker_port = broker_port
         self.data_dir = Path(data_dir) if data_dir else None
@@ -276,7 +287,10 @@ class Server:
     def start(cls, port: int, broker_port: int, data_dir: Path | str | None = None,
               node_id: str | None = None, extra_args: Iterable[str] = (),
               env: Mapping[str, str] | None = None, log_path: Path | str | None = None,
-              mqtt_host: str = HOST, detach: bool = False, python: str | None = None) -> "Server":
+              mqtt_host: str = HOST, detach: bool = False, python: str | None = None,
+              security: "Security | None" = None) -> "Server":
+        """``security``: opt-in TLS/token/broker credentials/HMAC flags (file paths only,
+        see :class:`kvs_cluster.security.Security`); default: the plain course mode."""
         if log_path is None:
             base = Path(data_dir).parent if data_dir else Path(tempfile.mkdtemp(prefix="kvs-server-"))
             log_path = base / f"server-{port}.log"
@@ -286,7 +300,7 @@ class Server:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
         server = cls(port, broker_port, Path(data_dir) if data_dir else None, node_id,
                      tuple(extra_args), env, log_path, mqtt_host=mqtt_host, detach=detach,
-                     python=python)
+                     python=python, security=security)
         server._launch()
         return server
 
@@ -313,6 +327,8 @@ class Server:
             cmd += ["--data-dir", str(self.data_dir)]
         if self.node_id:
             cmd += ["--node-id", self.node_id]
+        if self.security is not None:
+            cmd += self.security.server_args()
         cmd += list(self.extra_args)
         return cmd
 
@@ -347,7 +363,9 @@ class Server:
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         interval = 0.05
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (self.security.channel(self.address) if self.security is not None
+                   else grpc.insecure_channel(self.address))
+        with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -407,11 +425,16 @@ class Cluster:
     >>> with Cluster(n=3, workdir=tmp) as c:
     ...     c.wait_ready()
     ...     addresses = [s.address for s in c.servers]
+
+    Plain (the course's mode) unless ``security=Security.ensure(dir, ...)`` is given;
+    then use :meth:`channel` and :meth:`metadata` to call the servers.
     """
 
     def __init__(self, n: int = 3, workdir: Path | str | None = None, base_port: int | None = None,
                  persistent: bool = True, broker_port: int | None = None, extra_args: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, broker_conf: str = "", start: bool = True):
+                 env: Mapping[str, str] | None = None, broker_conf: str = "", start: bool = True,
+                 security: "Security | None" = None):
+        self.security = security
         self.n = n
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvs-cluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -430,7 +453,7 @@ class Cluster:
     def start(self) -> "Cluster":
         try:
             self.broker = Broker.start(port=self.broker_port, workdir=self.workdir / "broker",
-                                       extra_conf=self.broker_conf)
+                                       extra_conf=self.broker_conf, security=self.security)
             for i in range(self.n):
                 port = self.base_port + i if self.base_port else None
                 self.add_server(port=port)
@@ -450,7 +473,7 @@ class Cluster:
             port, self.broker.port,
             data_dir=(node_dir / "data") if persistent else None,
             node_id=node_id, extra_args=self.extra_args + tuple(extra_args),
-            env=self.env, log_path=node_dir / "server.log")
+            env=self.env, log_path=node_dir / "server.log", security=self.security)
         self.servers.append(server)
         self._all_servers.append(server)
         return server
@@ -458,6 +481,17 @@ class Cluster:
     @property
     def addresses(self) -> list[str]:
         return [s.address for s in self.servers]
+
+    def channel(self, address: str, options=()):
+        """A grpc channel to ``address`` (TLS with the cluster's CA when it uses TLS)."""
+        if self.security is not None:
+            return self.security.channel(address, options)
+        import grpc
+        return grpc.insecure_channel(address, options=list(options))
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """Call metadata carrying the client token (empty when tokens are off)."""
+        return self.security.metadata() if self.security is not None else []
 
     def wait_ready(self, timeout: float = 30.0) -> "Cluster":
         deadline = time.monotonic() + timeout

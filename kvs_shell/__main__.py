@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from .client import DEFAULT_PORT, BadTarget, parse_servers
+from .client import (DEFAULT_PORT, BadTarget, SecurityConfigError, parse_servers,
+                     security_from, set_default_security)
 from .render import FORMATS
 
 SERVERS_ENV = "KVS_SHELL_SERVERS"
@@ -35,7 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (5)")
     p.add_argument("--timing", action="store_true", help="show the time each command took")
     p.add_argument("--no-color", action="store_true", help="never use colours")
+    add_security_flags(p)
     return p
+
+
+def add_security_flags(p: argparse.ArgumentParser) -> None:
+    """--tls-ca/--tls-cert/--tls-key/--token/--token-file (shared with client.sh)."""
+    g = p.add_argument_group(
+        "security", "defaults from the environment: $KVS_TLS_CA, $KVS_TOKEN_FILE or $KVS_TOKEN, "
+                    "$KVS_CLIENT_CERT/$KVS_CLIENT_KEY (`. run/client.env` sets them for the "
+                    "local cluster)")
+    g.add_argument("--tls-ca", metavar="PEM", help="connect with TLS; trust servers signed by this CA")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate (servers requiring mutual TLS)")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key")
+    g.add_argument("--tls-server-name", metavar="NAME",
+                   help="name the server certificate must carry (default: the host given)")
+    g.add_argument("--token-file", metavar="FILE", help="send the bearer token in this file")
+    g.add_argument("--token", help="send this bearer token (visible to `ps`: prefer --token-file "
+                                   "or $KVS_TOKEN)")
+
+
+def configure_security(args: argparse.Namespace) -> None:
+    """Sets the security every Client of this process uses (flags, then environment)."""
+    set_default_security(security_from(
+        token=args.token, token_file=args.token_file, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, server_name=args.tls_server_name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = os.environ.get(SERVERS_ENV) or str(DEFAULT_PORT)
     try:
         servers = parse_servers(spec, args.host)
-    except BadTarget as exc:
+        configure_security(args)
+    except (BadTarget, SecurityConfigError) as exc:
         print(f"kvs_shell: {exc}", file=sys.stderr)
         return 2
 

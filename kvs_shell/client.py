@@ -13,10 +13,17 @@ so a put is never applied twice.
 
 The server sends the reason for a -1 / blank answer in the trailing metadata
 key ``kvs-error``; every result carries it in ``.error``.
+
+Security (opt-in, see :class:`Security`): TLS with a given CA (optionally a
+client certificate for mutual TLS) and a bearer token sent as
+``authorization: Bearer <token>`` metadata on every call.  A client built without
+an explicit ``security`` uses the module default, which ``kvs_shell`` and
+``client.sh`` set from their flags / environment (:func:`security_from`).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -61,6 +68,112 @@ class Unsupported(ClientError):
 
 class BadTarget(ClientError, ValueError):
     """A server address list that cannot be parsed or resolved."""
+
+
+class Unauthenticated(ClientError):
+    """The server refused the call: missing or wrong token (or client certificate)."""
+
+
+class SecurityConfigError(ClientError, ValueError):
+    """A token file / CA file that cannot be read."""
+
+
+# ---------------------------------------------------------------------------
+# security settings
+# ---------------------------------------------------------------------------
+TOKEN_ENV = "KVS_TOKEN"
+TOKEN_FILE_ENV = "KVS_TOKEN_FILE"
+TLS_CA_ENV = "KVS_TLS_CA"
+CLIENT_CERT_ENV = "KVS_CLIENT_CERT"
+CLIENT_KEY_ENV = "KVS_CLIENT_KEY"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach the servers: plain (default) or TLS, with or without a token.
+
+    ``tls_ca``/``tls_cert``/``tls_key`` hold PEM *bytes*; ``token`` the bearer token.
+    ``repr`` never shows the token."""
+    token: str | None = field(default=None, repr=False)
+    tls_ca: bytes | None = field(default=None, repr=False)
+    tls_cert: bytes | None = field(default=None, repr=False)
+    tls_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # name checked against the certificate (default: the host)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None
+
+    def describe(self) -> str:
+        parts = ["TLS" if self.tls else "plaintext"]
+        if self.tls_cert:
+            parts.append("client certificate")
+        parts.append("token" if self.token else "no token")
+        return ", ".join(parts)
+
+
+PLAIN = Security()
+_default_security = PLAIN
+
+
+def set_default_security(security: Security | None) -> None:
+    """The security every :class:`Client` built without ``security=`` uses."""
+    global _default_security
+    _default_security = security or PLAIN
+
+
+def default_security() -> Security:
+    return _default_security
+
+
+def _read_file(path: str, what: str, text: bool) -> str | bytes:
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not text:
+        return data
+    try:
+        lines = data.decode("utf-8").strip().splitlines()
+    except UnicodeDecodeError:
+        raise SecurityConfigError(f"{what} {path} is not UTF-8 text") from None
+    if not lines or not lines[0].strip():
+        raise SecurityConfigError(f"{what} {path} is empty")
+    return lines[0].strip()
+
+
+def security_from(token: str | None = None, token_file: str | None = None,
+                  tls_ca: str | None = None, tls_cert: str | None = None,
+                  tls_key: str | None = None, server_name: str | None = None,
+                  environ: dict | None = None) -> Security:
+    """Security from flags, falling back to the environment.
+
+    Token: ``token`` > ``token_file`` > $KVS_TOKEN_FILE > $KVS_TOKEN (the server reads
+    its token the same way: file first).  TLS: ``tls_ca`` > $KVS_TLS_CA; a client
+    certificate (mutual TLS): ``tls_cert``/``tls_key`` > $KVS_CLIENT_CERT/$KVS_CLIENT_KEY."""
+    env = os.environ if environ is None else environ
+    tok = token.strip() if token and token.strip() else None
+    if tok is None:
+        path = token_file or env.get(TOKEN_FILE_ENV) or None
+        if path:
+            tok = _read_file(path, "token file", text=True)
+        elif (env.get(TOKEN_ENV) or "").strip():
+            tok = env[TOKEN_ENV].strip()
+    if tok is not None and any(c in tok for c in "\r\n\0"):
+        raise SecurityConfigError("the token must be one line of text")
+    ca_path = tls_ca or env.get(TLS_CA_ENV) or None
+    cert_path = tls_cert or env.get(CLIENT_CERT_ENV) or None
+    key_path = tls_key or env.get(CLIENT_KEY_ENV) or None
+    if bool(cert_path) != bool(key_path):
+        raise SecurityConfigError("a client certificate needs both --tls-cert and --tls-key")
+    if cert_path and not ca_path:
+        raise SecurityConfigError("a client certificate needs --tls-ca (or $KVS_TLS_CA)")
+    return Security(
+        token=tok,
+        tls_ca=_read_file(ca_path, "CA file", text=False) if ca_path else None,
+        tls_cert=_read_file(cert_path, "certificate", text=False) if cert_path else None,
+        tls_key=_read_file(key_path, "key", text=False) if key_path else None,
+        server_name=server_name or None)
 
 
 # ---------------------------------------------------------------------------
@@ -220,8 +333,69 @@ def grpc_target(addresses: Sequence[str]) -> str:
     return "ipv4:" + ",".join(_resolve_ipv4(a) for a in addresses)
 
 
-def _channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=[
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = [m for m in (d.metadata or ()) if m[0] != "authorization"] + [self._md]
+        return _CallDetails(d.method, d.timeout, md, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+def secure_channel(target: str, security: Security, options=(),
+                   server_name: str | None = None) -> grpc.Channel:
+    """A channel to ``target`` with ``security``: TLS when it has a CA, the token on
+    every call when it has one.  ``server_name``: the name the server certificate
+    must carry (needed for multi-address ``ipv4:`` targets)."""
+    opts = list(options)
+    if security.tls:
+        name = security.server_name or server_name
+        if name:
+            opts.append(("grpc.ssl_target_name_override", name))
+        creds = grpc.ssl_channel_credentials(root_certificates=security.tls_ca,
+                                             private_key=security.tls_key,
+                                             certificate_chain=security.tls_cert)
+        channel = grpc.secure_channel(target, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(target, options=opts)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
+    return channel
+
+
+def _host(address: str) -> str:
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _channel(target: str, security: Security = PLAIN, server_name: str | None = None) -> grpc.Channel:
+    return secure_channel(target, security, options=[
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -229,7 +403,7 @@ def _channel(target: str) -> grpc.Channel:
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_http_proxy", 0),
-    ])
+    ], server_name=server_name)
 
 
 def _errors(call) -> str:
@@ -253,8 +427,14 @@ def _translate(exc: grpc.RpcError, where: str) -> ClientError:
     except Exception:  # noqa: BLE001
         pass
     msg = details + (f" ({reason})" if reason and reason not in details else "")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"authentication failed: {details or 'missing or invalid token'}"
+                               " (give the token with --token-file/--token or $KVS_TOKEN_FILE/$KVS_TOKEN)")
     if code == grpc.StatusCode.UNAVAILABLE:
         low = msg.lower()
+        if "ssl" in low or "tls" in low or "handshake" in low or "certificate" in low:
+            return ServerUnavailable(f"server {where}: TLS handshake failed ({msg}); "
+                                     "check --tls-ca / $KVS_TLS_CA, or whether the server uses TLS")
         why = ("connection refused" if "connection refused" in low
                else "connection reset" if "reset" in low
                else "timed out connecting" if "timeout" in low or "timed out" in low
@@ -280,15 +460,18 @@ def _opt_version(v: int | None) -> dict:
 class Client:
     """A connection to one server or a round-robin cluster of servers."""
 
-    def __init__(self, addresses: Sequence[str] | str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, addresses: Sequence[str] | str, timeout: float = DEFAULT_TIMEOUT,
+                 security: Security | None = None):
         if isinstance(addresses, str):
             addresses = parse_servers(addresses)
         self.addresses = list(addresses)
         if not self.addresses:
             raise BadTarget("no server given")
         self.timeout = timeout
+        self.security = security if security is not None else default_security()
         self.target = grpc_target(self.addresses)
-        self._channel = _channel(self.target)
+        # addresses are resolved to IPs for round robin: TLS checks the name given
+        self._channel = _channel(self.target, self.security, _host(self.addresses[0]))
         self._kvs = kvs_pb2_grpc.KVSStub(self._channel)
         self._ext = kvs_pb2_grpc.KVSExtStub(self._channel)
         self._state = "idle"  # from the outcome of the last call: idle, connected, down
@@ -362,6 +545,9 @@ class Client:
 
     def _failed(self, exc: grpc.RpcError) -> ClientError:
         err = _translate(exc, self.label)
+        if (isinstance(err, ServerUnavailable) and not self.security.tls
+                and "socket closed" in str(err).lower()):
+            err = ServerUnavailable(f"{err}; if the server uses TLS, give --tls-ca (or $KVS_TLS_CA)")
         if isinstance(err, (ServerUnavailable, ServerTimeout)):
             self._state = "down"
         return err
@@ -471,9 +657,10 @@ class Client:
         with self._lock:
             ch = self._status_channels.get(address)
             if ch is None:
-                # one plain channel per server: Status must reach *that* server
-                ch = grpc.insecure_channel(_resolve_ipv4(address),
-                                           options=[("grpc.enable_http_proxy", 0)])
+                # one channel per server: Status must reach *that* server
+                ch = secure_channel(_resolve_ipv4(address), self.security,
+                                    options=[("grpc.enable_http_proxy", 0)],
+                                    server_name=_host(address))
                 self._status_channels[address] = ch
         return kvs_pb2_grpc.KVSExtStub(ch)
 

@@ -12,6 +12,11 @@ batch operations, like the Rust client.  Also accepted: ``--port``, ``--op``,
 ``--key``/``--chave``, ``--value``/``--valor``, ``--version``/``--versao``,
 ``--host`` (127.0.0.1) and ``--servers``.
 
+Security (the Rust client has none; these are additions): ``--tls-ca PEM``,
+``--tls-cert PEM``/``--tls-key PEM`` (mutual TLS), ``--token-file FILE``,
+``--token TOKEN`` (visible to ``ps``: prefer the file or the environment);
+defaults from $KVS_TLS_CA, $KVS_TOKEN_FILE, $KVS_TOKEN, $KVS_CLIENT_CERT/$KVS_CLIENT_KEY.
+
 Output: one line per answer in the form of the messages, e.g.
 ``Versao { versao: 3 }`` and ``Tupla { chave: "k", valor: "v", versao: 3 }``.
 Exit status: 0; 1 if an answer was -1 or the server was unreachable; 2 for bad flags.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .client import BadTarget, Client, ClientError, parse_servers
+from .client import BadTarget, Client, ClientError, SecurityConfigError, parse_servers, security_from
 
 OPS = ("insere", "consulta", "remove", "insere-v", "consulta-v", "remove-v", "snapshot")
 FLAGS = {
@@ -31,9 +36,12 @@ FLAGS = {
     "-v": "values", "--value": "values", "--valor": "values",
     "-e": "versions", "--version": "versions", "--versao": "versions",
     "--host": "host", "--servers": "servers",
+    "--tls-ca": "tls_ca", "--tls-cert": "tls_cert", "--tls-key": "tls_key",
+    "--token": "token", "--token-file": "token_file",
 }
+_SINGLE = ("port", "op", "host", "servers", "tls_ca", "tls_cert", "tls_key", "token", "token_file")
 USAGE = ("usage: client.sh -p PORT -o insere|consulta|remove|insere-v|consulta-v|remove-v|snapshot "
-         "[-k KEY...] [-v VALUE...] [-e VERSION...]")
+         "[-k KEY...] [-v VALUE...] [-e VERSION...] [--tls-ca PEM] [--token-file FILE | --token T]")
 
 
 class FlagError(ValueError):
@@ -56,7 +64,7 @@ def parse_flags(argv: list[str]) -> dict:
             raise FlagError(f"unexpected argument {word!r}\n{USAGE}")
         opts[current].append(word)
     single = {}
-    for name in ("port", "op", "host", "servers"):
+    for name in _SINGLE:
         vals = opts.pop(name)
         if len(vals) > 1:
             raise FlagError(f"{name} given more than once: {vals}")
@@ -92,8 +100,11 @@ def run(opts: dict, out=sys.stdout, err=sys.stderr) -> int:
         raise FlagError(f"{op}: {len(keys)} key(s) but {len(values)} value(s)")
     if op not in ("snapshot",) and not keys:
         raise FlagError(f"{op}: at least one -k KEY is needed")
+    security = security_from(token=opts.get("token"), token_file=opts.get("token_file"),
+                             tls_ca=opts.get("tls_ca"), tls_cert=opts.get("tls_cert"),
+                             tls_key=opts.get("tls_key"))
     failed = False
-    with Client(servers) as client:
+    with Client(servers, security=security) as client:
         def note(error: str) -> None:
             if error:
                 err.write(f"kvs-error: {error}\n")
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(parse_flags(argv))
-    except (FlagError, BadTarget) as exc:
+    except (FlagError, BadTarget, SecurityConfigError) as exc:
         print(f"client.sh: {exc}", file=sys.stderr)
         return 2
     except ClientError as exc:

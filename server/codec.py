@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +139,8 @@ def decode_log(payload: bytes) -> Batch | Heartbeat:
         if not isinstance(items, list) or not items:
             raise BadMessage("batch needs a non-empty item list")
         ts = doc.get("ts")
-        if not isinstance(ts, (int, float)):
-            raise BadMessage("field 'ts' must be a number")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
+            raise BadMessage("field 'ts' must be a finite number")
         return Batch(_int(doc, "epoch", 1), _str(doc, "leader"), _int(doc, "first", 1),
                      _str(doc, "prev"), float(ts), [_item(i, True) for i in items], bytes(payload))
     if t == "hb":
@@ -164,8 +165,8 @@ def decode_proposal(payload: bytes) -> Proposal:
         raise BadMessage("proposal needs a non-empty item list")
     node = _str(doc, "node")
     ts = doc.get("ts")
-    if not isinstance(ts, (int, float)):
-        raise BadMessage("field 'ts' must be a number")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
+        raise BadMessage("field 'ts' must be a finite number")
     items = [_item(i, False) for i in items]
     if any(i["node"] != node for i in items):
         raise BadMessage("proposal items must come from the proposing node")

@@ -142,6 +142,7 @@ class ReplicatedLog:
         self._leader_seen = 0.0        # monotonic time of the leader's last sign of life
         self._claimed = ""             # leader named by heartbeats not yet followed in the log
         self._diverged = False
+        self._storage_error = ""       # set once the data dir failed (fail-stop)
         self._was_in_step = False
         self._gap_target = 0           # position we know exists but have not got
         self._repair_after = 0.0       # back-off for failed repairs
@@ -292,6 +293,9 @@ class ReplicatedLog:
     # =====================================================================
     def _submit(self, item: dict) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._storage_error:
+            fut.set_result(Outcome(-1, self._storage_error))
+            return fut
         if not self.transport.connected:
             fut.set_result(Outcome(-1, "the message broker is unreachable; write not made"))
             return fut
@@ -439,7 +443,15 @@ class ReplicatedLog:
             if to_sequence and self.role is Role.LEADER:
                 published = self._sequence(to_sequence)
             if self.datadir is not None:
-                self.datadir.sync()  # group commit: one fsync for everything drained (no-op if none)
+                try:
+                    self.datadir.sync()  # group commit: one fsync for all drained (no-op if none)
+                except Exception as e:
+                    # Fail-stop: nothing more is acknowledged as durable.
+                    log.critical("cannot make changes durable: %s; refusing writes", e)
+                    self._storage_error = f"storage failure on {self.node}: {e}"
+                    fail = Outcome(-1, self._storage_error)
+                    ready = [(i, fail) for i, _ in ready]
+                    published = [(mid, [(i, fail) for i, _ in res]) for mid, res in published]
             self._resolve_mine(ready)
             for mid, results in published:
                 self._await_puback(mid, results)
