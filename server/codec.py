@@ -173,6 +173,21 @@ def decode_proposal(payload: bytes) -> Proposal:
     return Proposal(node, items, float(ts))
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    node: str
+    epoch: int
+    applied: int
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """A follower's report of the position it applied (and made durable)."""
+    doc = _parse(payload)
+    if doc.get("t") != "ack":
+        raise BadMessage("expected an ack")
+    return Ack(_str(doc, "node"), _int(doc, "epoch", 1), _int(doc, "applied", 1))
+
+
 def decode_presence(payload: bytes) -> Presence:
     doc = _parse(payload)
     if doc.get("t") != "node":

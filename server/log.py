@@ -43,7 +43,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 from . import codec
@@ -72,9 +72,10 @@ class LogConfig:
     cluster: str = "kvs"
     write_timeout: float = 10.0        # an Insere fails (-1) after this long
     retry_interval: float = 2.0        # re-send an unanswered proposal
-    leader_timeout: float = 3.0        # leader silent this long -> elect
+    leader_timeout: float = 5.0        # leader silent this long -> elect
     heartbeat_interval: float = 0.2
     settle_time: float = 1.0           # after connecting, learn presence first
+    startup_wait: float = 10.0         # after a restart, wait this long for known servers
     read_wait: float = 3.0             # a read waits this long for the node to be in step
     max_batch_items: int = 2000
     max_batch_bytes: int = 1 << 20
@@ -112,7 +113,7 @@ class _Member:
 
 PRESENCE_INTERVAL = 1.0
 PROPOSAL_MAX_AGE = 120.0  # seconds; older proposals may be outside the de-duplication window
-PRESENCE_TTL = 3.5
+PRESENCE_TTL = 10.0
 
 
 class ReplicatedLog:
@@ -128,6 +129,7 @@ class ReplicatedLog:
         self._on_state = on_state
         prefix = f"kvs/{cfg.cluster}"
         self.t_log, self.t_propose, self.t_nodes = f"{prefix}/log", f"{prefix}/propose", f"{prefix}/nodes"
+        self.t_ack = f"{prefix}/ack"
         self.boot = os.urandom(4).hex()
         self._ids = itertools.count(1)
 
@@ -162,9 +164,12 @@ class ReplicatedLog:
         self._waiting_lock = threading.Lock()
         self._outbox: list[dict] = []
         self._outbox_cv = threading.Condition()
-        self._ack_lock = threading.Lock()
-        self._puback_wait: dict[int, list[tuple[str, Outcome]]] = {}
-        self._early_acks: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # Leader: our clients' results wait until a second server has the batch.
+        self._commit_wait: collections.deque[tuple[int, list[tuple[str, Outcome]]]] = \
+            collections.deque()
+        self._follower_acks: dict[str, int] = {}   # node -> position it applied (this epoch)
+        self._ack_sent = 0                          # follower: last position acknowledged
+        self._known: set[str] = set()               # servers ever seen (kept in the data dir)
 
         self.members: dict[str, _Member] = {}
         self._connected_since = 0.0
@@ -176,7 +181,6 @@ class ReplicatedLog:
         self.transport = MqttTransport(
             broker, client_id=f"kvs-{cfg.cluster}-{self.node}-{self.boot}",
             on_message=self._on_mqtt, on_connection=self._on_connection,
-            on_published=self._on_puback,
             will=(f"{self.t_nodes}/{self.node}", self._presence(False)))
 
     # =====================================================================
@@ -369,21 +373,13 @@ class ReplicatedLog:
             self._events.put(("log", payload))
         elif topic == self.t_propose:
             self._events.put(("propose", payload))
+        elif topic == self.t_ack:
+            self._events.put(("ack", payload))
         elif topic.startswith(self.t_nodes + "/"):
             self._events.put(("presence", payload))
 
     def _on_connection(self, up: bool) -> None:
         self._events.put(("conn", up))
-
-    def _on_puback(self, mid: int) -> None:
-        with self._ack_lock:
-            results = self._puback_wait.pop(mid, None)
-            if results is None:
-                self._early_acks[mid] = None
-                while len(self._early_acks) > 10_000:
-                    self._early_acks.popitem(last=False)
-        if results:
-            self._resolve_mine(results)
 
     def _presence(self, online: bool) -> bytes:
         doc = json.loads(codec.presence_doc(self.node, self.cfg.address, online, self.epoch,
@@ -425,6 +421,8 @@ class ReplicatedLog:
                                 _warn_garbage("proposal", BadMessage("too old (a replay?)"), data)
                                 continue
                             to_sequence += prop.items
+                    elif kind == "ack":
+                        self._handle_ack(data)
                     elif kind == "presence":
                         self._handle_presence(data)
                     elif kind == "conn":
@@ -451,10 +449,13 @@ class ReplicatedLog:
                     self._storage_error = f"storage failure on {self.node}: {e}"
                     fail = Outcome(-1, self._storage_error)
                     ready = [(i, fail) for i, _ in ready]
-                    published = [(mid, [(i, fail) for i, _ in res]) for mid, res in published]
+                    published = [(last, [(i, fail) for i, _ in res]) for last, res in published]
             self._resolve_mine(ready)
-            for mid, results in published:
-                self._await_puback(mid, results)
+            if self.role is Role.LEADER:
+                self._commit_wait.extend(published)
+                self._release_committed()
+            else:
+                self._send_ack()
             self._update_state()
 
     # ---- sequencing (leader) ------------------------------------------------
@@ -482,6 +483,8 @@ class ReplicatedLog:
         return out
 
     def _publish_batch(self, items: list[dict], epoch: int | None = None):
+        """Sequence, apply and publish one batch; returns (last position, our
+        clients' outcomes), which are released once the batch is committed."""
         if not self.transport.connected:
             self._step_down("lost the broker connection")
             return None
@@ -499,21 +502,48 @@ class ReplicatedLog:
             self._resolve_mine([(i, Outcome(-1, "lost the broker while replicating")) for i, _ in mine])
             return None
         self._published = (batch.last, batch.hash)
-        return info.mid, mine
+        return batch.last, mine
 
-    def _await_puback(self, mid: int, results: list[tuple[str, Outcome]]) -> None:
-        with self._ack_lock:
-            if mid in self._early_acks:
-                del self._early_acks[mid]
-            else:
-                self._puback_wait[mid] = results
-                return
-        self._resolve_mine(results)
+    # ---- commit: a write is acknowledged once two servers hold it ---------------
+    def _send_ack(self) -> None:
+        """Follower: tell the leader how far we applied (after the fsync)."""
+        if self.applied > self._ack_sent and self.leader and self.transport.connected:
+            doc = codec.encode({"t": "ack", "node": self.node, "epoch": self.epoch,
+                                "applied": self.applied})
+            if self.transport.publish(self.t_ack, doc) is not None:
+                self._ack_sent = self.applied
+
+    def _handle_ack(self, payload: bytes) -> None:
+        if self.role is not Role.LEADER:
+            return
+        try:
+            doc = codec.decode_ack(payload)
+        except BadMessage as e:
+            _warn_garbage("ack", e, payload)
+            return
+        if doc.epoch == self.epoch and doc.node in self.members and doc.applied <= self.applied:
+            if doc.applied > self._follower_acks.get(doc.node, 0):
+                self._follower_acks[doc.node] = doc.applied
+                self._release_committed()
+
+    def _release_committed(self) -> None:
+        """Release results of batches that a second (alive) server applied; a
+        leader alone in the cluster commits on its own."""
+        if not self._commit_wait:
+            return
+        now = time.monotonic()
+        peers = [m.node for m in self.members.values()
+                 if m.node != self.node and m.alive(now, PRESENCE_TTL)]
+        commit = (max((self._follower_acks.get(n, 0) for n in peers), default=0)
+                  if peers else self.applied)
+        released = []
+        while self._commit_wait and self._commit_wait[0][0] <= commit:
+            released += self._commit_wait.popleft()[1]
+        self._resolve_mine(released)
 
     def _fail_unconfirmed(self, reason: str) -> None:
-        with self._ack_lock:
-            pending, self._puback_wait = self._puback_wait, {}
-        for results in pending.values():
+        pending, self._commit_wait = self._commit_wait, collections.deque()
+        for _, results in pending:
             self._resolve_mine([(i, Outcome(-1, reason)) for i, _ in results])
 
     # ---- applying -------------------------------------------------------------
@@ -595,14 +625,23 @@ class ReplicatedLog:
         m = self.members.get(leader)
         if m is None or not m.online:
             return True  # only a server that announced itself can lead
+        # One leader per epoch: the first one followed (like a vote in Raft).
         return epoch < self.epoch or (epoch == self.epoch and bool(self.leader)
-                                      and leader > self.leader)
+                                      and leader != self.leader)
+
+    def _competing_claim(self, epoch: int, leader: str) -> None:
+        """A leader that hears another (announced) server lead this or a later
+        epoch steps down; the election then starts a new epoch from the most
+        advanced log, so writes only one claimant committed are kept."""
+        if self.role is Role.LEADER and leader != self.node and epoch >= self.epoch:
+            m = self.members.get(leader)
+            if m is not None and m.online:
+                self._step_down(f"{leader} claims epoch {epoch}")
 
     def _handle_batch(self, b: Batch) -> list[tuple[str, Outcome]]:
+        self._competing_claim(b.epoch, b.leader)
         if self._stale(b.epoch, b.leader):
             return []  # a deposed sequencer's late batch, or our own
-        if self.role is Role.LEADER:
-            self._step_down(f"{b.leader} leads epoch {b.epoch}")
         if b.last <= self.applied:
             kept = self._kept_payload(b.first)
             if kept is not None and kept != b.payload:
@@ -637,10 +676,9 @@ class ReplicatedLog:
         return out
 
     def _handle_heartbeat(self, hb: Heartbeat) -> list[tuple[str, Outcome]]:
+        self._competing_claim(hb.epoch, hb.leader)
         if self._stale(hb.epoch, hb.leader):
             return []
-        if self.role is Role.LEADER:
-            self._step_down(f"{hb.leader} leads epoch {hb.epoch}")
         self._leader_seen = time.monotonic()
         self._leader_last = max(self._leader_last, hb.last)
         # A leader we know of before its epoch item reaches us (the applied
@@ -771,6 +809,14 @@ class ReplicatedLog:
             return  # the will of an earlier incarnation
         m.addr, m.online, m.boot, m.epoch, m.applied = p.addr, p.online, boot, p.epoch, p.applied
         m.seen = time.monotonic()
+        if p.online and p.node not in self._known:
+            self._known.add(p.node)
+            self._save_known()
+        if self.role is Role.LEADER and p.online and (p.epoch, p.applied) > (self.epoch, self.applied):
+            # Position decides: a longer log than ours must not be overwritten.
+            self._step_down(f"{p.node} is ahead (epoch {p.epoch}, position {p.applied})")
+        elif self.role is Role.LEADER:
+            self._release_committed()  # the set of live servers may have changed
         if not p.online and p.node == self.leader:
             log.warning("leader %s went offline", p.node)
 
@@ -791,6 +837,8 @@ class ReplicatedLog:
             log.warning("stepping down as sequencer: %s", why)
             self.role = Role.FOLLOWER
             self.transport.unsubscribe(self.t_propose)
+            self.transport.unsubscribe(self.t_ack)
+            self._ack_sent = 0
             self._fail_unconfirmed(f"sequencer changed ({why}); write outcome unknown")
             self._leader_seen = 0.0
 
@@ -811,8 +859,16 @@ class ReplicatedLog:
             return
         if self._events.qsize():
             return  # judge liveness only after reading everything that arrived
-        if time.monotonic() - self._connected_since < self.cfg.settle_time:
+        since = time.monotonic() - self._connected_since
+        if since < self.cfg.settle_time:
             return
+        if not self._was_in_step and since < self.cfg.startup_wait:
+            # After a restart, wait (bounded) for every server we knew: one of
+            # them may hold a longer log than ours.
+            now = time.monotonic()
+            alive = {m.node for m in self.members.values() if m.alive(now, PRESENCE_TTL)}
+            if self._known - alive - {self.node}:
+                return
         now = time.monotonic()
         online = sorted([m.node for m in self.members.values() if m.alive(now, PRESENCE_TTL)]
                         + [self.node])
@@ -832,8 +888,10 @@ class ReplicatedLog:
                 log.warning("peer %s did not answer status: %s", m.node, e)
                 continue
             top_epoch = max(top_epoch, st.epoch)
-            if st.applied_seq > self.applied and (best is None or st.applied_seq > best[1]):
-                best = (m.node, st.applied_seq)
+            # The most advanced log: Raft's "up to date" order, epoch first.
+            if (st.epoch, st.applied_seq) > (self.epoch, self.applied) and (
+                    best is None or (st.epoch, st.applied_seq) > best[2]):
+                best = (m.node, st.applied_seq, (st.epoch, st.applied_seq))
         if best is not None:
             self._gap_target = best[1]
             self._resolve_mine(self._repair(best[0]))
@@ -841,7 +899,9 @@ class ReplicatedLog:
                 log.warning("could not catch up with %s; not taking over yet", best[0])
                 return
         self.role = Role.LEADER
+        self._follower_acks = {}
         self.transport.subscribe(self.t_propose)
+        self.transport.subscribe(self.t_ack)
         r = self._publish_batch([{"op": "epoch", "node": self.node}], epoch=top_epoch + 1)
         if r is None:
             return
@@ -875,6 +935,8 @@ class ReplicatedLog:
     def _tick(self) -> list[tuple[str, Outcome]]:
         out: list[tuple[str, Outcome]] = []
         self._maybe_elect()
+        if self.role is Role.LEADER:
+            self._release_committed()  # a follower may have gone silent
         if self.role is Role.FOLLOWER and self._leader_alive() and (
                 self._diverged or self._gap_target > self.applied):
             out += self._repair(self._claimed or self.leader)
@@ -906,7 +968,15 @@ class ReplicatedLog:
             self._readable.clear()
 
     # ---- persistence -----------------------------------------------------------
+    def _save_known(self) -> None:
+        if self.datadir is not None:
+            try:
+                self.datadir.save_meta("members", sorted(self._known))
+            except Exception as e:
+                log.warning("cannot save the member list: %s", e)
+
     def _recover(self) -> None:
+        self._known = set(self.datadir.load_meta("members") or [])
         rec = self.datadir.load()
         for w in rec.warnings:
             log.warning("data dir: %s", w)

@@ -625,6 +625,27 @@ class DataDir:
         if self.fsync:
             _fsync_dir(self.path)
 
+    # ---- small metadata files (e.g. the servers this one has seen) ---------------------
+    def save_meta(self, name: str, value) -> None:
+        """Atomically replace ``meta-<name>.json`` (tmp file, fsync, rename)."""
+        final = self.path / f"meta-{name}.json"
+        tmp = final.with_suffix(".json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(self.path)
+
+    def load_meta(self, name: str):
+        """The value saved under ``name``, or None (missing or unreadable)."""
+        try:
+            return json.loads((self.path / f"meta-{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     # ---- shutdown ---------------------------------------------------------------------
     def close(self) -> None:
         """Sync what was appended, close the log and release the lock (idempotent).
