@@ -169,6 +169,7 @@ class ReplicatedLog:
             collections.deque()
         self._follower_acks: dict[str, int] = {}   # node -> position it applied (this epoch)
         self._ack_sent = 0                          # follower: last position acknowledged
+        self._ack_time = 0.0
         self._known: set[str] = set()               # servers ever seen (kept in the data dir)
 
         self.members: dict[str, _Member] = {}
@@ -505,13 +506,17 @@ class ReplicatedLog:
         return batch.last, mine
 
     # ---- commit: a write is acknowledged once two servers hold it ---------------
-    def _send_ack(self) -> None:
-        """Follower: tell the leader how far we applied (after the fsync)."""
-        if self.applied > self._ack_sent and self.leader and self.transport.connected:
+    def _send_ack(self, again: bool = False) -> None:
+        """Follower: tell the leader how far we applied (after the fsync).
+        Acks are cumulative and cheap (QoS 0); the ticker repeats the last one
+        in case it was lost."""
+        if (self.applied > self._ack_sent or again) and self.applied and self.leader \
+                and self.transport.connected:
             doc = codec.encode({"t": "ack", "node": self.node, "epoch": self.epoch,
                                 "applied": self.applied})
-            if self.transport.publish(self.t_ack, doc) is not None:
+            if self.transport.publish(self.t_ack, doc, qos=0) is not None:
                 self._ack_sent = self.applied
+                self._ack_time = time.monotonic()
 
     def _handle_ack(self, payload: bytes) -> None:
         if self.role is not Role.LEADER:
@@ -922,7 +927,8 @@ class ReplicatedLog:
             now = time.monotonic()
             if self.role is Role.LEADER and now - last_hb >= self.cfg.heartbeat_interval:
                 last, h = self._published
-                self.transport.publish(self.t_log, codec.heartbeat_doc(self.epoch, self.node, last, h))
+                self.transport.publish(self.t_log, codec.heartbeat_doc(self.epoch, self.node, last, h),
+                                       qos=0)
                 last_hb = now
             if not self._tick_queued:
                 self._tick_queued = True
@@ -937,6 +943,8 @@ class ReplicatedLog:
         self._maybe_elect()
         if self.role is Role.LEADER:
             self._release_committed()  # a follower may have gone silent
+        elif time.monotonic() - self._ack_time > 0.5:
+            self._send_ack(again=True)
         if self.role is Role.FOLLOWER and self._leader_alive() and (
                 self._diverged or self._gap_target > self.applied):
             out += self._repair(self._claimed or self.leader)
