@@ -623,8 +623,9 @@ class ReplicatedLog:
         return self._handle_batch(doc)
 
     def _stale(self, epoch: int, leader: str) -> bool:
-        """A claim by a sequencer that is not (or no longer) the leader.  Two
-        claims of one epoch (a split election) are settled by the lower id."""
+        """A claim by a sequencer we do not follow: ourselves, a server that
+        never announced itself, an older epoch, or a second claimant of the
+        epoch we already follow."""
         if leader == self.node:
             return True
         m = self.members.get(leader)
