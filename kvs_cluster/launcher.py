@@ -138,13 +138,18 @@ def _kill(proc: subprocess.Popen) -> int | None:
     return proc.returncode
 
 
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto")
+def find_tool(name: str, fallback: str) -> str:
+    """A Mosquitto program on PATH or at Debian's path (sbin is not always on PATH)."""
+    found = shutil.which(name)
     if found:
         return found
-    if os.access("/usr/sbin/mosquitto", os.X_OK):
-        return "/usr/sbin/mosquitto"
-    raise FileNotFoundError("mosquitto not found: run ./compile.sh (apt-get install mosquitto)")
+    if os.access(fallback, os.X_OK):
+        return fallback
+    raise FileNotFoundError(f"{name} not found: run ./compile.sh (apt-get install mosquitto)")
+
+
+def mosquitto_binary() -> str:
+    return find_tool("mosquitto", "/usr/sbin/mosquitto")
 
 
 # ---------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .launcher import find_tool
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GEN_CERTS = PROJECT_ROOT / "tools" / "gen_certs.sh"
 MQTT_USER = "kvs-server"
@@ -64,13 +66,7 @@ def read_first_line(path: Path | str) -> str:
 
 
 def mosquitto_passwd_binary() -> str:
-    import shutil
-    found = shutil.which("mosquitto_passwd")
-    if found:
-        return found
-    if os.access("/usr/bin/mosquitto_passwd", os.X_OK):
-        return "/usr/bin/mosquitto_passwd"
-    raise FileNotFoundError("mosquitto_passwd not found: run ./compile.sh (apt-get install mosquitto)")
+    return find_tool("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
 
 
 def hashed_password_lines(users: Mapping[str, str]) -> str:

@@ -309,7 +309,6 @@ def test_connect_switches_servers(cluster3, tmp_path):
 # ---------------------------------------------------------------------------
 # a real terminal: tmux
 # ---------------------------------------------------------------------------
-@pytest.mark.skipif(not __import__("shutil").which("tmux"), reason="tmux not installed")
 def test_tmux_tab_completion_and_history_table(cluster3, tmp_path):
     with Client([cluster3.servers[0].address]) as c:
         c.put("tmxkey-alpha", "first value")
