@@ -83,6 +83,7 @@ class Presence:
     online: bool
     epoch: int
     applied: int
+    boot: str = ""  # random id of the process start: tells a stale will from a live server
 
 
 def _int(d: dict, name: str, lo: int = 0) -> int:
@@ -195,8 +196,11 @@ def decode_presence(payload: bytes) -> Presence:
     online = doc.get("online")
     if not isinstance(online, bool):
         raise BadMessage("field 'online' must be a boolean")
+    boot = doc.get("boot", "")
+    if not isinstance(boot, str):
+        raise BadMessage("field 'boot' must be a string")
     return Presence(_str(doc, "node"), _str(doc, "addr", allow_empty=True), online,
-                    _int(doc, "epoch"), _int(doc, "applied"))
+                    _int(doc, "epoch"), _int(doc, "applied"), boot)
 
 
 def batch_doc(epoch: int, leader: str, first: int, prev: str, ts: float, items: list) -> bytes:
@@ -212,6 +216,7 @@ def proposal_doc(node: str, items: list, ts: float) -> bytes:
     return encode({"t": "propose", "node": node, "ts": ts, "items": items})
 
 
-def presence_doc(node: str, addr: str, online: bool, epoch: int, applied: int) -> bytes:
+def presence_doc(node: str, addr: str, online: bool, epoch: int, applied: int,
+                 boot: str = "") -> bytes:
     return encode({"t": "node", "node": node, "addr": addr, "online": online,
-                   "epoch": epoch, "applied": applied})
+                   "epoch": epoch, "applied": applied, "boot": boot})

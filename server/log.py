@@ -383,10 +383,8 @@ class ReplicatedLog:
         self._events.put(("conn", up))
 
     def _presence(self, online: bool) -> bytes:
-        doc = json.loads(codec.presence_doc(self.node, self.cfg.address, online, self.epoch,
-                                            self.applied))
-        doc["boot"] = self.boot
-        return codec.encode(doc)
+        return codec.presence_doc(self.node, self.cfg.address, online, self.epoch, self.applied,
+                                  self.boot)
 
     # =====================================================================
     # The core thread
@@ -804,16 +802,15 @@ class ReplicatedLog:
     def _handle_presence(self, payload: bytes) -> None:
         try:
             p = codec.decode_presence(payload)
-            boot = json.loads(payload).get("boot", "")
         except BadMessage as e:
             _warn_garbage("presence", e, payload)
             return
         if p.node == self.node:
             return
         m = self.members.setdefault(p.node, _Member(p.node))
-        if not p.online and m.online and boot and m.boot and boot != m.boot:
+        if not p.online and m.online and p.boot and m.boot and p.boot != m.boot:
             return  # the will of an earlier incarnation
-        m.addr, m.online, m.boot, m.epoch, m.applied = p.addr, p.online, boot, p.epoch, p.applied
+        m.addr, m.online, m.boot, m.epoch, m.applied = p.addr, p.online, p.boot, p.epoch, p.applied
         m.seen = time.monotonic()
         if p.online and p.node not in self._known:
             self._known.add(p.node)
