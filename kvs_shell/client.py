@@ -36,7 +36,7 @@ import grpc
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
 ERROR_KEY = "kvs-error"
-NODE_KEY = "kvs-node"  # optional initial metadata: the node that answered
+NODE_KEY = "kvs-node"  # optional trailing metadata: the node that answered
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
 DEFAULT_TIMEOUT = 5.0
@@ -525,7 +525,7 @@ class Client:
     # -- plumbing ------------------------------------------------------------
     def _note(self, call, started: float) -> None:
         """Latency, and which server answered: grpc's ``peer()`` where the call object has
-        it, else the ``kvs-node`` initial metadata if the server sends it."""
+        it, else the ``kvs-node`` metadata if the server sends it."""
         self.last_latency = time.perf_counter() - started
         self._state = "connected"
         peer = ""
@@ -533,7 +533,7 @@ class Client:
             if hasattr(call, "peer"):
                 peer = call.peer() or ""
             else:
-                for k, v in call.initial_metadata() or ():
+                for k, v in [*(call.trailing_metadata() or ()), *(call.initial_metadata() or ())]:
                     if k == NODE_KEY:
                         peer = v.decode() if isinstance(v, bytes) else str(v)
         except Exception:  # noqa: BLE001

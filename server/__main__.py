@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import sys
-import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -15,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvs_proto import kvs_pb2_grpc
 
-from .log import LogConfig, ReplicatedLog
+from .log import LogConfig, LoopCompletions, ReplicatedLog
 from .peers import PeerClients
 from .security import TokenAuthInterceptor, channel_credentials, read_secret, server_credentials
 from .service import KVSExtServicer, KVSServicer, ReplicaServicer
@@ -76,20 +75,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s [{args.node_id}] %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("server")
+    loop = asyncio.get_running_loop()
 
     datadir = None
     if args.data_dir:
         from .persistence import DataDir
         datadir = DataDir(Path(args.data_dir), fsync=not args.no_fsync)
 
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def on_state(state: str) -> None:
+    def on_state(state: str) -> None:  # core thread
         serving = state in ("in-step", "no-leader")
-        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING if serving
-                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            asyncio.run_coroutine_threadsafe(health_servicer.set("", status), loop)
+        except RuntimeError:  # loop closed: shutting down
+            pass
 
     try:
         token = read_secret(args.token_file, "KVS_TOKEN")
@@ -109,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                                       args.tls_key if args.tls_client_ca else None)
                   if args.tls_ca else None)
     rlog = ReplicatedLog(cfg, broker, datadir=datadir, peers=PeerClients(peer_creds, token),
-                         on_state=on_state)
+                         on_state=on_state, completions=LoopCompletions(loop))
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="grpc"),
+    server = grpc.aio.server(
         interceptors=[TokenAuthInterceptor(token)] if token else None,
         options=[("grpc.max_receive_message_length", args.max_message),
                  ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -123,35 +133,39 @@ def main(argv: list[str] | None = None) -> int:
     kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(rlog), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = f"{args.host}:{args.port}"
-    if args.tls_cert and args.tls_key:
-        bound = server.add_secure_port(
-            listen, server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
-    else:
-        bound = server.add_insecure_port(listen)
+    try:
+        if args.tls_cert and args.tls_key:
+            bound = server.add_secure_port(
+                listen, server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
+        else:
+            bound = server.add_insecure_port(listen)
+    except RuntimeError:
+        bound = 0
     if not bound:
         log.error("cannot listen on %s:%s", args.host, args.port)
         return 2
 
-    rlog.start()
-    server.start()
+    # Recovery reads the data dir (blocking); keep the loop free meanwhile.
+    await asyncio.to_thread(rlog.start)
+    await server.start()
     log.info("serving gRPC on %s:%d%s (broker %s:%d%s, data dir %s, tokens %s, signed messages %s)",
              args.host, args.port, " with TLS" if args.tls_cert else "", args.mqtt_host,
              args.mqtt_port, " with TLS" if args.mqtt_tls_ca else "",
              args.data_dir or "none: in memory only", "on" if token else "off",
              "on" if cluster_secret else "off")
 
-    stop = threading.Event()
+    stop = asyncio.Event()
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int) -> None:
         log.info("signal %d: shutting down", signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=2).wait()
-    rlog.stop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    await asyncio.to_thread(rlog.stop)
     log.info("stopped")
     return 0
 

@@ -87,10 +87,46 @@ class LogConfig:
     max_key_len: int | None = None
 
 
+class ThreadCompletions:
+    """Results for callers that block in threads: one concurrent Future per change."""
+
+    def new(self) -> concurrent.futures.Future:
+        return concurrent.futures.Future()
+
+    def deliver(self, pairs: list) -> None:
+        for fut, outcome in pairs:
+            _resolve(fut, outcome)
+
+
+class LoopCompletions:
+    """Results for coroutines on one asyncio loop (the gRPC server's).  ``new`` runs
+    on the loop; ``deliver`` runs on any thread and wakes the loop once for a whole
+    drain's results instead of once per change."""
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+
+    def new(self):
+        return self.loop.create_future()
+
+    def deliver(self, pairs: list) -> None:
+        if pairs:
+            try:
+                self.loop.call_soon_threadsafe(_set_results, pairs)
+            except RuntimeError:  # loop closed: the server is gone, nobody waits
+                pass
+
+
+def _set_results(pairs: list) -> None:
+    for fut, outcome in pairs:
+        if not fut.done():
+            fut.set_result(outcome)
+
+
 @dataclass
 class _Waiter:
     item: dict
-    future: concurrent.futures.Future
+    future: object  # from the log's Completions
     deadline: float
     next_retry: float
 
@@ -119,8 +155,10 @@ PRESENCE_TTL = 10.0
 class ReplicatedLog:
     def __init__(self, cfg: LogConfig, broker: BrokerConfig, store: VersionedStore | None = None,
                  datadir=None, peers: PeerClients | None = None,
-                 on_state: Callable[[str], None] | None = None):
+                 on_state: Callable[[str], None] | None = None,
+                 completions: ThreadCompletions | LoopCompletions | None = None):
         self.cfg = cfg
+        self._completions = completions or ThreadCompletions()
         self.node = cfg.node_id
         self.store = store if store is not None else VersionedStore()
         self.store_lock = threading.Lock()
@@ -217,19 +255,23 @@ class ReplicatedLog:
         self.transport.stop()
         with self._waiting_lock:
             waiters, self._waiting = list(self._waiting.values()), {}
-        for w in waiters:
-            _resolve(w.future, Outcome(-1, "server shutting down"))
+        self._completions.deliver([(w.future, Outcome(-1, "server shutting down")) for w in waiters])
         if self.datadir is not None:
             self.datadir.sync()
             self.datadir.close()
         self.peers.close()
 
-    def submit_put(self, key: str, value: str) -> concurrent.futures.Future:
+    def submit_put(self, key: str, value: str):
+        """A future (of the log's Completions) that resolves to an Outcome within
+        ``write_timeout``: the version, or -1 and the reason."""
         return self._submit({"op": "put", "k": key, "v": value})
 
-    def submit_del(self, key: str, version: int | None) -> concurrent.futures.Future:
+    def submit_del(self, key: str, version: int | None):
         return self._submit({"op": "del", "k": key,
                              "ver": version if version is not None and version > 0 else None})
+
+    def readable_now(self) -> bool:
+        return self._readable.is_set()
 
     def wait_readable(self, timeout: float | None = None) -> str | None:
         """None when reads may be served; otherwise the reason they may not."""
@@ -296,13 +338,14 @@ class ReplicatedLog:
     # =====================================================================
     # Submitting changes
     # =====================================================================
-    def _submit(self, item: dict) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+    def _submit(self, item: dict):
+        fut = self._completions.new()
         if self._storage_error:
-            fut.set_result(Outcome(-1, self._storage_error))
+            self._completions.deliver([(fut, Outcome(-1, self._storage_error))])
             return fut
         if not self.transport.connected:
-            fut.set_result(Outcome(-1, "the message broker is unreachable; write not made"))
+            self._completions.deliver(
+                [(fut, Outcome(-1, "the message broker is unreachable; write not made"))])
             return fut
         item["id"] = f"{self.node}:{self.boot}:{next(self._ids)}"
         item["node"] = self.node
@@ -343,9 +386,7 @@ class ReplicatedLog:
             return
         with self._waiting_lock:
             waiters = [(self._waiting.pop(i, None), o) for i, o in results]
-        for w, o in waiters:
-            if w is not None:
-                _resolve(w.future, o)
+        self._completions.deliver([(w.future, o) for w, o in waiters if w is not None])
 
     def _retry_and_expire(self) -> None:
         now = time.monotonic()
@@ -358,9 +399,9 @@ class ReplicatedLog:
                     w.next_retry = now + self.cfg.retry_interval
                     resend.append(w.item)
             gone = [self._waiting.pop(wid) for wid in expired]
-        for w in gone:
-            _resolve(w.future, Outcome(-1, f"change not replicated within {self.cfg.write_timeout:g}s"
-                                           " (no sequencer reachable); it may still be applied later"))
+        expired_reason = Outcome(-1, f"change not replicated within {self.cfg.write_timeout:g}s"
+                                     " (no sequencer reachable); it may still be applied later")
+        self._completions.deliver([(w.future, expired_reason) for w in gone])
         if resend and self.transport.connected:
             log.info("re-sending %d unanswered proposals", len(resend))
             for item in resend:

@@ -26,7 +26,7 @@ def read_secret(file: str | None, env_name: str) -> str | None:
     return value.strip() if value and value.strip() else None
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (constant-time
     compare) with UNAUTHENTICATED before any handler runs."""
 
@@ -40,19 +40,19 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 return hmac.compare_digest(got, self._expected)
         return False
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_METHODS) or \
                 self._authorized(handler_call_details.invocation_metadata):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         return _deny(handler)
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    def abort(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
+    async def abort(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)

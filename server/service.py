@@ -1,17 +1,21 @@
-"""gRPC servicers: validate, hand changes to the log, read the store, map results.
+"""gRPC servicers (grpc.aio): validate, hand changes to the log, read the store, map results.
 
 Nothing here mutates the store.  Every handler catches everything: an
 invalid request or an internal error is answered with -1 / a blank Tupla and
 the reason in the ``kvs-error`` trailing metadata, never with an exception
 escaping to grpc (except RESOURCE_EXHAUSTED, which grpc raises itself).
+
+Why asyncio: a write waits for the log's core thread; with a thread per call
+every write cost two thread hand-offs (pool -> handler, core -> handler).  Here
+a handler is a coroutine on the server's one loop, and the core thread wakes
+the loop once per drain for all the results it produced (LoopCompletions).
+Anything that may take long (Snapshot's row list, a state export) runs in a
+worker thread so the loop keeps answering.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
-import queue
-import threading
-from typing import Callable, Iterable, Iterator
 
 import grpc
 
@@ -24,6 +28,7 @@ from .store import INT32_MAX, InvalidInput, check_key, check_value
 log = logging.getLogger(__name__)
 
 ERROR_KEY = "kvs-error"
+NODE_KEY = "kvs-node"
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
 
@@ -33,90 +38,101 @@ def _version_arg(msg) -> int | None:
     return msg.versao if msg.HasField("versao") and msg.versao > 0 else None
 
 
-class _Errors:
-    """Collects reasons and sends them once, as trailing metadata.  Also tells
-    the client which server answered (initial metadata ``kvs-node``), which
-    matters when a client balances over several servers."""
+def _blank(key: str) -> kvs_pb2.Tupla:
+    return kvs_pb2.Tupla(chave=key, valor="", versao=0)
 
-    node_md: tuple = ()
+
+class _Errors:
+    """Collects reasons and sends them once, as trailing metadata, together with
+    the node that answered (``kvs-node``: matters when a client balances over
+    several servers)."""
+
+    node: str = ""
+
+    __slots__ = ("context", "reasons")
 
     def __init__(self, context):
         self.context = context
         self.reasons: list[str] = []
-        try:
-            context.send_initial_metadata(self.node_md)
-        except Exception:  # already sent / call gone
-            pass
 
     def add(self, reason: str, index: int | None = None) -> None:
         if len(self.reasons) < MAX_STREAM_ERRORS:
             self.reasons.append(reason if index is None else f"#{index}: {reason}")
 
     def send(self) -> None:
+        md = [(NODE_KEY, self.node)]
         if self.reasons:
             # Metadata values must be ASCII-safe; keep the text readable.
             text = "; ".join(self.reasons).encode("ascii", "backslashreplace").decode("ascii")
-            self.context.set_trailing_metadata(((ERROR_KEY, text[:4000]),))
+            md.append((ERROR_KEY, text[:4000]))
+        self.context.set_trailing_metadata(md)
 
 
 class KVSServicer(kvs_pb2_grpc.KVSServicer):
     def __init__(self, rlog: ReplicatedLog, write_timeout: float,
                  max_key_len: int | None = None, max_value_len: int | None = None):
         self.log = rlog
-        _Errors.node_md = (("kvs-node", rlog.node),)
-        self.write_timeout = write_timeout + 1.0
+        _Errors.node = rlog.node
+        self.write_timeout = write_timeout
         self.max_key_len = max_key_len
         self.max_value_len = max_value_len
 
     # ---- single operations -------------------------------------------------
-    def _start_put(self, req) -> concurrent.futures.Future:
+    def _start_put(self, req):
+        """The log's future for this change, or the Outcome of a rejected request."""
         try:
             check_key(req.chave, self.max_key_len)
             check_value(req.valor, self.max_value_len)
         except InvalidInput as e:
-            return _done(Outcome(-1, str(e)))
+            return Outcome(-1, str(e))
         return self.log.submit_put(req.chave, req.valor)
 
-    def _start_del(self, req) -> concurrent.futures.Future:
+    def _start_del(self, req):
         try:
             check_key(req.chave, self.max_key_len)
         except InvalidInput as e:
-            return _done(Outcome(-1, str(e)))
+            return Outcome(-1, str(e))
         return self.log.submit_del(req.chave, _version_arg(req))
 
-    def _finish(self, fut: concurrent.futures.Future) -> Outcome:
+    @staticmethod
+    async def _finish(started) -> Outcome:
+        # The log resolves every future within its write timeout (an expired
+        # change gets -1 and the reason), so no timer per call is needed here.
+        if isinstance(started, Outcome):
+            return started
         try:
-            return fut.result(timeout=self.write_timeout)
-        except concurrent.futures.TimeoutError:
-            return Outcome(-1, "timed out waiting for replication")
+            return await started
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # pragma: no cover - defensive
             log.exception("write failed")
             return Outcome(-1, f"internal error: {e}")
 
-    def _lookup(self, req) -> tuple[kvs_pb2.Tupla, str]:
+    async def _lookup(self, req) -> tuple[kvs_pb2.Tupla, str]:
         try:
             check_key(req.chave, self.max_key_len)
         except InvalidInput as e:
-            return kvs_pb2.Tupla(chave=req.chave, valor="", versao=0), str(e)
-        reason = self.log.wait_readable()
-        if reason is not None:
-            return kvs_pb2.Tupla(chave=req.chave, valor="", versao=0), reason
+            return _blank(req.chave), str(e)
+        if not self.log.readable_now():
+            reason = await asyncio.to_thread(self.log.wait_readable)
+            if reason is not None:
+                return _blank(req.chave), reason
         with self.log.store_lock:
             found = self.log.store.get(req.chave, _version_arg(req))
         if found is None:
-            return kvs_pb2.Tupla(chave=req.chave, valor="", versao=0), ""
+            return _blank(req.chave), ""
         return kvs_pb2.Tupla(chave=req.chave, valor=found.value, versao=found.number), ""
 
-    def Insere(self, request, context):
-        return self._unary(context, lambda: self._finish(self._start_put(request)))
+    async def Insere(self, request, context):
+        return await self._unary(context, self._start_put, request)
 
-    def Remove(self, request, context):
-        return self._unary(context, lambda: self._finish(self._start_del(request)))
+    async def Remove(self, request, context):
+        return await self._unary(context, self._start_del, request)
 
-    def _unary(self, context, run: Callable[[], Outcome]) -> kvs_pb2.Versao:
+    async def _unary(self, context, start, request) -> kvs_pb2.Versao:
         errors = _Errors(context)
         try:
-            out = run()
+            out = await self._finish(start(request))
         except Exception as e:
             log.exception("unexpected error")
             out = Outcome(-1, f"internal error: {e}")
@@ -125,77 +141,81 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         errors.send()
         return kvs_pb2.Versao(versao=out.version)
 
-    def Consulta(self, request, context):
+    async def Consulta(self, request, context):
         errors = _Errors(context)
         try:
-            tupla, reason = self._lookup(request)
+            tupla, reason = await self._lookup(request)
         except Exception as e:
             log.exception("unexpected error")
-            tupla, reason = kvs_pb2.Tupla(chave=request.chave), f"internal error: {e}"
+            tupla, reason = _blank(request.chave), f"internal error: {e}"
         if reason:
             errors.add(reason)
         errors.send()
         return tupla
 
     # ---- streams: one reply per request, in order, pipelined ------------------
-    def InsereVarias(self, request_iterator, context):
-        return self._pipelined(request_iterator, context, self._start_put)
+    async def InsereVarias(self, request_iterator, context):
+        async for reply in self._pipelined(request_iterator, context, self._start_put):
+            yield reply
 
-    def RemoveVarias(self, request_iterator, context):
-        return self._pipelined(request_iterator, context, self._start_del)
+    async def RemoveVarias(self, request_iterator, context):
+        async for reply in self._pipelined(request_iterator, context, self._start_del):
+            yield reply
 
-    def _pipelined(self, requests: Iterable, context, start) -> Iterator[kvs_pb2.Versao]:
+    async def _pipelined(self, requests, context, start):
         """Submits while earlier changes are still replicating; a bounded
         window keeps one client from queueing unbounded work."""
         errors = _Errors(context)
-        window = threading.Semaphore(STREAM_WINDOW)
-        futures: queue.SimpleQueue = queue.SimpleQueue()
-        DONE = object()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        started: asyncio.Queue = asyncio.Queue()
+        done = object()
 
-        def reader():
+        async def reader():
             try:
-                for req in requests:
-                    window.acquire()
+                async for req in requests:
+                    await window.acquire()
                     try:
-                        futures.put(start(req))
+                        started.put_nowait(start(req))
                     except Exception as e:
                         log.exception("unexpected error")
-                        futures.put(_done(Outcome(-1, f"internal error: {e}")))
+                        started.put_nowait(Outcome(-1, f"internal error: {e}"))
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # client went away or sent garbage
-                futures.put(e)
-            futures.put(DONE)
+                started.put_nowait(e)
+            started.put_nowait(done)
 
-        threading.Thread(target=reader, daemon=True, name="kvs-stream-reader").start()
+        reading = asyncio.create_task(reader())
         index = 0
         try:
             while True:
-                item = futures.get()
-                if item is DONE:
+                item = await started.get()
+                if item is done:
                     break
                 if isinstance(item, Exception):
-                    if isinstance(item, grpc.RpcError):
-                        break
-                    errors.add(f"stream error: {item}")
+                    if not isinstance(item, grpc.RpcError):
+                        errors.add(f"stream error: {item}")
                     break
-                out = self._finish(item)
+                out = await self._finish(item)
                 window.release()
                 if out.version < 0:
                     errors.add(out.reason or "failed", index)
                 index += 1
                 yield kvs_pb2.Versao(versao=out.version)
         finally:
+            reading.cancel()
             errors.send()
 
-    def ConsultaVarias(self, request_iterator, context):
+    async def ConsultaVarias(self, request_iterator, context):
         errors = _Errors(context)
         index = 0
         try:
-            for req in request_iterator:
+            async for req in request_iterator:
                 try:
-                    tupla, reason = self._lookup(req)
+                    tupla, reason = await self._lookup(req)
                 except Exception as e:
                     log.exception("unexpected error")
-                    tupla, reason = kvs_pb2.Tupla(chave=req.chave), f"internal error: {e}"
+                    tupla, reason = _blank(req.chave), f"internal error: {e}"
                 if reason:
                     errors.add(reason, index)
                 index += 1
@@ -203,34 +223,41 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         finally:
             errors.send()
 
-    def Snapshot(self, request, context):
+    async def Snapshot(self, request, context):
         errors = _Errors(context)
         try:
-            reason = self.log.wait_readable()
-            if reason is not None:
-                errors.add(reason)
-                yield kvs_pb2.Tupla(chave="", valor="", versao=0)
-                return
+            if not self.log.readable_now():
+                reason = await asyncio.to_thread(self.log.wait_readable)
+                if reason is not None:
+                    errors.add(reason)
+                    yield _blank("")
+                    return
             version = request.versao if request.versao > 0 else None
-            with self.log.store_lock:
-                rows = list(self.log.store.snapshot(version))
+            # One consistent cut, taken off the loop (100k keys take a while).
+            rows = await asyncio.to_thread(self._snapshot_rows, version)
             if not rows:
-                yield kvs_pb2.Tupla(chave="", valor="", versao=0)
+                yield _blank("")
                 return
             for key, v in rows:
                 yield kvs_pb2.Tupla(chave=key, valor=v.value, versao=v.number)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             log.exception("snapshot failed")
             errors.add(f"internal error: {e}")
         finally:
             errors.send()
 
+    def _snapshot_rows(self, version: int | None) -> list:
+        with self.log.store_lock:
+            return list(self.log.store.snapshot(version))
+
 
 class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
     def __init__(self, rlog: ReplicatedLog):
         self.log = rlog
 
-    def History(self, request, context):
+    async def History(self, request, context):
         with self.log.store_lock:
             versions = self.log.store.history(request.chave)
             top = self.log.store.max_version(request.chave)
@@ -239,15 +266,14 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
                                           node=v.node, seq=v.seq) for v in versions])
 
-    def ListKeys(self, request, context):
-        limit = request.limit or 1000
-        limit = min(limit, 100_000)
+    async def ListKeys(self, request, context):
+        limit = min(request.limit or 1000, 100_000)
         with self.log.store_lock:
             keys, truncated = self.log.store.keys(request.prefix, limit,
                                                   request.start_after or None)
         return kvs_pb2.KeyList(keys=keys, truncated=truncated)
 
-    def Status(self, request, context):
+    async def Status(self, request, context):
         s = self.log.status()
         peers = [kvs_pb2.PeerInfo(node_id=n, address=a, online=o) for n, a, o in s.pop("peers")]
         return kvs_pb2.NodeStatus(peers=peers, **s)
@@ -257,20 +283,22 @@ class ReplicaServicer(kvs_pb2_grpc.ReplicaServicer):
     def __init__(self, rlog: ReplicatedLog):
         self.log = rlog
 
-    def FetchLog(self, request, context):
+    async def FetchLog(self, request, context):
         try:
-            payloads = self.log.batches_from(request.from_seq, request.to_seq)
+            payloads = await asyncio.to_thread(self.log.batches_from, request.from_seq,
+                                               request.to_seq)
         except LogTooOld as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         for p in payloads:
             yield kvs_pb2.Blob(payload=p)
 
-    def FetchState(self, request, context):
-        for chunk in self.log.export_state():
+    async def FetchState(self, request, context):
+        # The export takes the store lock once for a consistent cut, then
+        # encodes chunk by chunk; every step runs in a worker thread.
+        chunks = self.log.export_state()
+        end = object()
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, end)
+            if chunk is end:
+                return
             yield kvs_pb2.Blob(payload=chunk)
-
-
-def _done(outcome: Outcome) -> concurrent.futures.Future:
-    f: concurrent.futures.Future = concurrent.futures.Future()
-    f.set_result(outcome)
-    return f
