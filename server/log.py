@@ -22,9 +22,11 @@ Design (details and the JSON fields in the README):
   silent for ``leader_timeout``), the online server with the smallest node id
   catches up from the most advanced peer and starts a new *epoch* with an
   ``epoch`` item.  Batches of older epochs are ignored.
-* A write is acknowledged when its batch is applied locally (and fsynced when
-  a data dir is used); at the leader additionally once the broker confirmed
-  the batch (QoS 1 PUBACK).
+* A write is acknowledged when two servers hold it (applied, and fsynced when
+  a data dir is used): the leader and one follower's cumulative ack, or a
+  leader alone.  Batches and heartbeats go out at QoS 0: a lost batch is a gap
+  that positions already expose and repair fills, so the broker's PUBACKs
+  (parsed in paho's thread for every batch) would buy nothing.
 
 Threads: paho's network thread only enqueues; one *core* thread does all
 sequencing, applying, repair and persistence; a proposer thread publishes
@@ -533,7 +535,7 @@ class ReplicatedLog:
         payload = codec.batch_doc(epoch, self.node, self.applied + 1, self.hash, ts, items)
         batch = Batch(epoch, self.node, self.applied + 1, self.hash, ts, items, payload)
         mine = self._apply_batch(batch)
-        info = self.transport.publish(self.t_log, payload)
+        info = self.transport.publish(self.t_log, payload, qos=0)
         if info is None:
             # Applied here but not published: nobody else has it.  Stop leading;
             # the next leader's log wins and we repair by state transfer.
@@ -691,7 +693,7 @@ class ReplicatedLog:
             kept = self._kept_payload(b.first)
             if kept is not None and kept != b.payload:
                 self._mark_diverged(b.leader, f"position {b.first} differs from {b.leader}'s")
-            return []  # duplicate (QoS 1 redelivery or already repaired)
+            return []  # duplicate (a redelivery or already repaired)
         if b.first <= self.applied:
             self._mark_diverged(b.leader, f"batch {b.first}-{b.last} overlaps our log")
             return []
