@@ -401,7 +401,8 @@ def settle(run: Run, name: str, figure: str, addrs: list[str], timeout: float = 
 
     def quiet():
         sts = [status(a) for a in addrs]
-        if any(st is None or st.state != "in-step" for st in sts):
+        # A background snapshot (every 50k changes) still being written is backlog too.
+        if any(st is None or st.state != "in-step" or st.snapshotting for st in sts):
             return False
         leaders = {st.leader for st in sts}
         prev = run.extra.setdefault("leader_seen", {}).get(name)

@@ -295,6 +295,7 @@ class ReplicatedLog:
             "keys": keys, "log_hash": h,
             "leader_seq": max(self._leader_last, applied) if self.role is Role.FOLLOWER else applied,
             "uptime": time.time() - self.started, "durable": self.datadir is not None,
+            "snapshotting": self._snapshotting.is_set(),
             "peers": [(m.node, m.addr, m.alive(time.monotonic(), PRESENCE_TTL))
                       for m in sorted(self.members.values(), key=lambda m: m.node)],
         }
