@@ -119,8 +119,8 @@ async def serve(args: argparse.Namespace) -> int:
     peer_creds = (channel_credentials(args.tls_ca, args.tls_cert if args.tls_client_ca else None,
                                       args.tls_key if args.tls_client_ca else None)
                   if args.tls_ca else None)
-    rlog = ReplicatedLog(cfg, broker, datadir=datadir, peers=PeerClients(peer_creds, token),
-                         on_state=on_state, completions=LoopCompletions(loop))
+    rlog = ReplicatedLog(cfg, broker, LoopCompletions(loop), datadir=datadir,
+                         peers=PeerClients(peer_creds, token), on_state=on_state)
 
     server = grpc.aio.server(
         interceptors=[TokenAuthInterceptor(token)] if token else None,

@@ -30,13 +30,17 @@ Design (details and the JSON fields in the README):
 
 Threads: paho's network thread only enqueues; one *core* thread does all
 sequencing, applying, repair and persistence; a proposer thread publishes
-proposals; a ticker drives heartbeats, retries and elections.
+proposals; a ticker drives heartbeats, retries and elections.  Callers (the
+gRPC server's coroutines) get asyncio futures; the core thread resolves every
+result of one drain with a single wake-up of their loop (``LoopCompletions``).
+The ticker expires unanswered changes after ``write_timeout``, so every future
+resolves even if the core thread is stuck.
 """
 from __future__ import annotations
 
 import bisect
 import collections
-import concurrent.futures
+import asyncio
 import enum
 import itertools
 import json
@@ -89,17 +93,6 @@ class LogConfig:
     max_key_len: int | None = None
 
 
-class ThreadCompletions:
-    """Results for callers that block in threads: one concurrent Future per change."""
-
-    def new(self) -> concurrent.futures.Future:
-        return concurrent.futures.Future()
-
-    def deliver(self, pairs: list) -> None:
-        for fut, outcome in pairs:
-            _resolve(fut, outcome)
-
-
 class LoopCompletions:
     """Results for coroutines on one asyncio loop (the gRPC server's).  ``new`` runs
     on the loop; ``deliver`` runs on any thread and wakes the loop once for a whole
@@ -128,7 +121,7 @@ def _set_results(pairs: list) -> None:
 @dataclass
 class _Waiter:
     item: dict
-    future: object  # from the log's Completions
+    future: asyncio.Future  # from LoopCompletions
     deadline: float
     next_retry: float
 
@@ -155,12 +148,12 @@ PRESENCE_TTL = 10.0
 
 
 class ReplicatedLog:
-    def __init__(self, cfg: LogConfig, broker: BrokerConfig, store: VersionedStore | None = None,
-                 datadir=None, peers: PeerClients | None = None,
-                 on_state: Callable[[str], None] | None = None,
-                 completions: ThreadCompletions | LoopCompletions | None = None):
+    def __init__(self, cfg: LogConfig, broker: BrokerConfig, completions: LoopCompletions,
+                 store: VersionedStore | None = None, datadir=None,
+                 peers: PeerClients | None = None,
+                 on_state: Callable[[str], None] | None = None):
         self.cfg = cfg
-        self._completions = completions or ThreadCompletions()
+        self._completions = completions
         self.node = cfg.node_id
         self.store = store if store is not None else VersionedStore()
         self.store_lock = threading.Lock()
@@ -264,7 +257,7 @@ class ReplicatedLog:
         self.peers.close()
 
     def submit_put(self, key: str, value: str):
-        """A future (of the log's Completions) that resolves to an Outcome within
+        """An asyncio future (call on the loop) that resolves to an Outcome within
         ``write_timeout``: the version, or -1 and the reason."""
         return self._submit({"op": "put", "k": key, "v": value})
 
@@ -1086,14 +1079,6 @@ class ReplicatedLog:
                 self._snapshotting.clear()
 
         threading.Thread(target=write, name="kvs-snapshot", daemon=True).start()
-
-
-def _resolve(fut: concurrent.futures.Future, outcome: Outcome) -> None:
-    if not fut.done():
-        try:
-            fut.set_result(outcome)
-        except concurrent.futures.InvalidStateError:
-            pass
 
 
 def _chunks(items: list[dict], max_items: int, max_bytes: int) -> Iterator[list[dict]]:

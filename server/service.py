@@ -23,7 +23,7 @@ from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
 from .log import Outcome, ReplicatedLog
 from .peers import LogTooOld
-from .store import INT32_MAX, InvalidInput, check_key, check_value
+from .store import INT32_MAX, InvalidInput, VersionedStore, check_key, check_value
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,24 @@ def _version_arg(msg) -> int | None:
 
 def _blank(key: str) -> kvs_pb2.Tupla:
     return kvs_pb2.Tupla(chave=key, valor="", versao=0)
+
+
+async def _with_store(rlog: ReplicatedLog, read, *args):
+    """``read(store, *args)`` under the store lock: at once when the lock is free (the
+    common case: the core thread holds it only while applying a batch), else from a
+    worker thread, so a long holder (a snapshot copying 100k keys) never stalls the
+    event loop and every other call with it."""
+    lock = rlog.store_lock
+    if lock.acquire(blocking=False):
+        try:
+            return read(rlog.store, *args)
+        finally:
+            lock.release()
+
+    def locked():
+        with lock:
+            return read(rlog.store, *args)
+    return await asyncio.to_thread(locked)
 
 
 class _Errors:
@@ -117,8 +135,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             reason = await asyncio.to_thread(self.log.wait_readable)
             if reason is not None:
                 return _blank(req.chave), reason
-        with self.log.store_lock:
-            found = self.log.store.get(req.chave, _version_arg(req))
+        found = await _with_store(self.log, VersionedStore.get, req.chave, _version_arg(req))
         if found is None:
             return _blank(req.chave), ""
         return kvs_pb2.Tupla(chave=req.chave, valor=found.value, versao=found.number), ""
@@ -258,9 +275,9 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
         self.log = rlog
 
     async def History(self, request, context):
-        with self.log.store_lock:
-            versions = self.log.store.history(request.chave)
-            top = self.log.store.max_version(request.chave)
+        versions, top = await _with_store(
+            self.log, lambda store, key: (store.history(key), store.max_version(key)),
+            request.chave)
         return kvs_pb2.KeyHistory(
             chave=request.chave, max_version=min(top, INT32_MAX),
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
@@ -268,13 +285,12 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def ListKeys(self, request, context):
         limit = min(request.limit or 1000, 100_000)
-        with self.log.store_lock:
-            keys, truncated = self.log.store.keys(request.prefix, limit,
-                                                  request.start_after or None)
+        keys, truncated = await _with_store(self.log, VersionedStore.keys, request.prefix, limit,
+                                            request.start_after or None)
         return kvs_pb2.KeyList(keys=keys, truncated=truncated)
 
     async def Status(self, request, context):
-        s = self.log.status()
+        s = await asyncio.to_thread(self.log.status)  # takes the store lock
         peers = [kvs_pb2.PeerInfo(node_id=n, address=a, online=o) for n, a, o in s.pop("peers")]
         return kvs_pb2.NodeStatus(peers=peers, **s)
 
