@@ -126,15 +126,21 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             log.exception("write failed")
             return Outcome(-1, f"internal error: {e}")
 
+    async def _unreadable(self) -> str | None:
+        """None when reads may be served now; else the wait (off the loop) for the
+        node to get in step, and the reason if it does not."""
+        if self.log.readable_now():
+            return None
+        return await asyncio.to_thread(self.log.wait_readable)
+
     async def _lookup(self, req) -> tuple[kvs_pb2.Tupla, str]:
         try:
             check_key(req.chave, self.max_key_len)
         except InvalidInput as e:
             return _blank(req.chave), str(e)
-        if not self.log.readable_now():
-            reason = await asyncio.to_thread(self.log.wait_readable)
-            if reason is not None:
-                return _blank(req.chave), reason
+        reason = await self._unreadable()
+        if reason is not None:
+            return _blank(req.chave), reason
         found = await _with_store(self.log, VersionedStore.get, req.chave, _version_arg(req))
         if found is None:
             return _blank(req.chave), ""
@@ -243,12 +249,11 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
     async def Snapshot(self, request, context):
         errors = _Errors(context)
         try:
-            if not self.log.readable_now():
-                reason = await asyncio.to_thread(self.log.wait_readable)
-                if reason is not None:
-                    errors.add(reason)
-                    yield _blank("")
-                    return
+            reason = await self._unreadable()
+            if reason is not None:
+                errors.add(reason)
+                yield _blank("")
+                return
             version = request.versao if request.versao > 0 else None
             # One consistent cut, taken off the loop (100k keys take a while).
             rows = await asyncio.to_thread(self._snapshot_rows, version)
