@@ -22,6 +22,7 @@ an explicit ``security`` uses the module default, which ``kvs_shell`` and
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -36,6 +37,8 @@ import grpc
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
 ERROR_KEY = "kvs-error"
+READ_YOUR_WRITES_WAIT = 1.0   # s a read waits for a lagging server to show our write
+READ_YOUR_WRITES_KEYS = 10_000  # keys whose last written version a session remembers
 NODE_KEY = "kvs-node"  # optional trailing metadata: the node that answered
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
@@ -478,6 +481,10 @@ class Client:
         self._lock = threading.Lock()
         self._status_channels: dict[str, grpc.Channel] = {}
         self.last_peer = ""  # the server that answered the last call ("" if unknown)
+        # Read-your-writes over round robin: the newest version this session wrote per
+        # key; a latest-version read that comes back older was served by a server that
+        # has not applied our write yet (they lag by milliseconds) and is asked again.
+        self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.last_latency: float | None = None
         self._closed = False
 
@@ -574,18 +581,33 @@ class Client:
         return out, _errors(call)
 
     # -- the KVS contract ----------------------------------------------------
+    def _remember(self, key: str, version: int) -> None:
+        if len(self.addresses) > 1 and version > self._written.get(key, 0):
+            self._written[key] = version
+            self._written.move_to_end(key)
+            if len(self._written) > READ_YOUR_WRITES_KEYS:
+                self._written.popitem(last=False)
+
     def put(self, key: str, value: str) -> Written:
         resp, err = self._unary(self._kvs.Insere, kvs_pb2.ChaveValor(chave=key, valor=value))
+        self._remember(key, resp.versao)
         return Written(key, resp.versao, err, value=value)
 
     def get(self, key: str, version: int | None = None) -> Read:
-        resp, err = self._unary(self._kvs.Consulta,
-                                kvs_pb2.ChaveVersao(chave=key, **_opt_version(version)))
+        request = kvs_pb2.ChaveVersao(chave=key, **_opt_version(version))
+        resp, err = self._unary(self._kvs.Consulta, request)
+        wrote = self._written.get(key, 0) if not version or version <= 0 else 0
+        deadline = time.monotonic() + READ_YOUR_WRITES_WAIT
+        while resp.versao < wrote and time.monotonic() < deadline:
+            time.sleep(0.005)
+            resp, err = self._unary(self._kvs.Consulta, request)
         return Read(key, resp.valor, resp.versao, version, err)
 
     def delete(self, key: str, version: int | None = None) -> Written:
         resp, err = self._unary(self._kvs.Remove,
                                 kvs_pb2.ChaveVersao(chave=key, **_opt_version(version)))
+        if resp.versao > 0:
+            self._written.pop(key, None)  # what we wrote may be gone now
         return Written(key, resp.versao, err, requested=version)
 
     @staticmethod
@@ -607,6 +629,8 @@ class Client:
         resps, err = self._stream(self._kvs.InsereVarias,
                                   (kvs_pb2.ChaveValor(chave=k, valor=v) for k, v in pairs))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
+        for (k, _v), r in zip(pairs, resps):
+            self._remember(k, r.versao)
         return [Written(k, r.versao, e, value=v) for (k, v), r, e in zip(pairs, resps, reasons)]
 
     def mget(self, items: Sequence[tuple[str, int | None]]) -> list[Read]:
@@ -621,6 +645,9 @@ class Client:
             self._kvs.RemoveVarias,
             (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
+        for (k, _v), r in zip(items, resps):
+            if r.versao > 0:
+                self._written.pop(k, None)
         return [Written(k, r.versao, e, requested=v)
                 for (k, v), r, e in zip(items, resps, reasons)]
 

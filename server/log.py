@@ -268,10 +268,7 @@ class ReplicatedLog:
     def readable_now(self) -> bool:
         return self._readable.is_set()
 
-    def wait_readable(self, timeout: float | None = None) -> str | None:
-        """None when reads may be served; otherwise the reason they may not."""
-        if self._readable.wait(self.cfg.read_wait if timeout is None else timeout):
-            return None
+    def unreadable_reason(self) -> str:
         return f"server {self.node} is not in step with the cluster ({self._state})"
 
     @property

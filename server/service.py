@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -31,6 +32,7 @@ ERROR_KEY = "kvs-error"
 NODE_KEY = "kvs-node"
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
+READ_POLL = 0.02        # s between checks while a read waits for the node to be in step
 
 
 def _version_arg(msg) -> int | None:
@@ -127,11 +129,18 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             return Outcome(-1, f"internal error: {e}")
 
     async def _unreadable(self) -> str | None:
-        """None when reads may be served now; else the wait (off the loop) for the
-        node to get in step, and the reason if it does not."""
+        """None when reads may be served; else, after waiting up to ``read_wait`` for
+        the node to get in step, the reason.  The wait polls on the loop rather than
+        blocking a worker thread: many reads waiting at once (a node catching up under
+        load) must not starve the threads that Status, FetchLog and snapshots use."""
         if self.log.readable_now():
             return None
-        return await asyncio.to_thread(self.log.wait_readable)
+        deadline = time.monotonic() + self.log.cfg.read_wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(READ_POLL)
+            if self.log.readable_now():
+                return None
+        return self.log.unreadable_reason()
 
     async def _lookup(self, req) -> tuple[kvs_pb2.Tupla, str]:
         try:

@@ -88,3 +88,47 @@ def test_with_store_does_not_stall_the_loop_while_the_lock_is_held():
     ticks, found = asyncio.run(main())
     assert ticks == 10
     assert found is not None and found.number == 1
+
+
+class _NotYetReadableLog(_FakeLog):
+    """A node that gets in step after ``delay`` seconds (or never)."""
+
+    node = "n1"
+
+    def __init__(self, delay: float | None, read_wait: float = 3.0):
+        super().__init__()
+        self.ready_at = None if delay is None else time.monotonic() + delay
+        self.cfg = type("Cfg", (), {"read_wait": read_wait})()
+
+    def readable_now(self) -> bool:
+        return self.ready_at is not None and time.monotonic() >= self.ready_at
+
+    def unreadable_reason(self) -> str:
+        return "server n1 is not in step with the cluster (catching-up)"
+
+
+def test_many_waiting_reads_do_not_starve_worker_threads():
+    from server.service import KVSServicer
+
+    servicer = KVSServicer(_NotYetReadableLog(delay=0.5), write_timeout=10)
+
+    async def main():
+        waits = [asyncio.create_task(servicer._unreadable()) for _ in range(50)]
+        # While 50 reads wait, a worker-thread job (what Status / FetchLog use) runs at once.
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        thread_latency = time.monotonic() - t0
+        reasons = await asyncio.wait_for(asyncio.gather(*waits), 5)
+        return thread_latency, reasons
+
+    thread_latency, reasons = asyncio.run(main())
+    assert thread_latency < 0.4, f"a worker thread was free only after {thread_latency:.2f}s"
+    assert reasons == [None] * 50  # all served once the node got in step
+
+
+def test_a_read_that_waits_too_long_gets_the_reason():
+    from server.service import KVSServicer
+
+    servicer = KVSServicer(_NotYetReadableLog(delay=None, read_wait=0.1), write_timeout=10)
+    reason = asyncio.run(asyncio.wait_for(servicer._unreadable(), 5))
+    assert reason and "not in step" in reason

@@ -348,6 +348,69 @@ def test_client_builds_a_round_robin_target_without_connecting():
         c.close()
 
 
+class _LaggingServers:
+    """Fake KVS stub over round robin: Insere answers version 1; the first ``stale``
+    Consultas come from a server that has not applied it yet."""
+
+    class _Call:
+        def peer(self):
+            return "ipv4:127.0.0.1:9000"
+
+        def trailing_metadata(self):
+            return ()
+
+    def __init__(self, stale: int):
+        self.stale, self.reads = stale, 0
+        outer = self
+
+        class _Method:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def with_call(self, request, timeout=None):
+                return self.fn(request), outer._Call()
+
+        self.Insere = _Method(lambda r: SimpleNamespace(versao=1))
+        self.Remove = _Method(lambda r: SimpleNamespace(versao=1))
+
+        def consulta(r):
+            self.reads += 1
+            if self.reads <= self.stale:
+                return SimpleNamespace(chave=r.chave, valor="", versao=0)
+            return SimpleNamespace(chave=r.chave, valor="v1", versao=1)
+        self.Consulta = _Method(consulta)
+
+
+def test_round_robin_client_reads_its_own_writes_from_a_lagging_server():
+    c = Client(["127.0.0.1:9000", "127.0.0.1:9001"])
+    try:
+        c._kvs = fake = _LaggingServers(stale=3)
+        assert c.put("k1", "v1").version == 1
+        got = c.get("k1")
+        assert (got.value, got.version) == ("v1", 1) and fake.reads == 4
+        # an explicit version, or a key this session did not write, is read once
+        fake.reads, fake.stale = 0, 1
+        assert c.get("k1", 1).version == 0 and fake.reads == 1
+        fake.reads = 0
+        assert c.get("other").version == 0 and fake.reads == 1
+        # after our delete the key's written version is forgotten
+        assert c.delete("k1").version == 1
+        fake.reads, fake.stale = 0, 1
+        assert c.get("k1").version == 0 and fake.reads == 1
+    finally:
+        c.close()
+
+
+def test_single_server_client_does_not_retry_reads():
+    c = Client(["127.0.0.1:9000"])
+    try:
+        c._kvs = fake = _LaggingServers(stale=3)
+        c.put("k1", "v1")
+        assert c.get("k1").version == 0 and fake.reads == 1
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("argv,keys,values,versions", [
     (["-p", "9000", "-o", "insere-v", "-k", "k01", "k02", "-v", "v01", "v02"],
      ["k01", "k02"], ["v01", "v02"], []),
