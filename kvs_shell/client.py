@@ -6,10 +6,12 @@ dataclasses and :class:`ClientError` subclasses, never grpc objects.
 One :class:`Client` talks to one *target*: a single server or a cluster given
 as several addresses.  Several addresses use grpc's own multi-address
 ``ipv4:`` target with the ``round_robin`` policy, so grpc spreads calls over
-every READY server and skips one that is down (failover).  Read-only calls
-also get a grpc retry policy on UNAVAILABLE; writes are never retried by us
-(only grpc's transparent retry of calls that never left the client applies),
-so a put is never applied twice.
+every READY server and skips one that is down (failover).  Every call gets
+a grpc retry policy on UNAVAILABLE, so a call that met a server as it died
+(``Stream removed``) goes to another one.  Writes are safe to retry because each
+carries a fresh idempotency key (``kvs-request-id`` metadata; a stream's i-th
+change is ``<id>.<i>``): a KVS server applies one id once and answers a retry,
+through any server, with the first outcome.
 
 The server sends the reason for a -1 / blank answer in the trailing metadata
 key ``kvs-error``; every result carries it in ``.error``.
@@ -29,6 +31,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -37,6 +40,7 @@ import grpc
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
 ERROR_KEY = "kvs-error"
+REQUEST_ID_KEY = "kvs-request-id"
 READ_YOUR_WRITES_WAIT = 1.0   # s a read waits for a lagging server to show our write
 READ_YOUR_WRITES_KEYS = 10_000  # keys whose last written version a session remembers
 NODE_KEY = "kvs-node"  # optional trailing metadata: the node that answered
@@ -313,22 +317,24 @@ def _resolve_ipv4(addr: str) -> str:
     return f"{infos[0][4][0]}:{port}"
 
 
-_READ_METHODS = [
-    {"service": "kvs.KVS", "method": "Consulta"},
-    {"service": "kvs.KVS", "method": "ConsultaVarias"},
-    {"service": "kvs.KVS", "method": "Snapshot"},
-    {"service": "kvs.KVSExt"},
-]
+# Reads are idempotent; writes are made so by their request id.  A retry happens
+# only on UNAVAILABLE (no server, or the connection broke mid-call) and before any
+# reply came back, which is when a round robin should try the next server.
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
-        "name": _READ_METHODS,
+        "name": [{"service": "kvs.KVS"}, {"service": "kvs.KVSExt"}],
         "retryPolicy": {
-            "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+            "maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
         },
     }],
 })
+
+
+def _request_id() -> tuple[tuple[str, str]]:
+    """Metadata with a fresh idempotency key for one write call."""
+    return ((REQUEST_ID_KEY, uuid.uuid4().hex),)
 
 
 def grpc_target(addresses: Sequence[str]) -> str:
@@ -478,6 +484,7 @@ class Client:
         self._kvs = kvs_pb2_grpc.KVSStub(self._channel)
         self._ext = kvs_pb2_grpc.KVSExtStub(self._channel)
         self._state = "idle"  # from the outcome of the last call: idle, connected, down
+        self._answered = False  # some call of this client has been answered
         self._lock = threading.Lock()
         self._status_channels: dict[str, grpc.Channel] = {}
         self.last_peer = ""  # the server that answered the last call ("" if unknown)
@@ -535,6 +542,7 @@ class Client:
         it, else the ``kvs-node`` metadata if the server sends it."""
         self.last_latency = time.perf_counter() - started
         self._state = "connected"
+        self._answered = True
         peer = ""
         try:
             if hasattr(call, "peer"):
@@ -552,26 +560,29 @@ class Client:
 
     def _failed(self, exc: grpc.RpcError) -> ClientError:
         err = _translate(exc, self.label)
-        if (isinstance(err, ServerUnavailable) and not self.security.tls
+        # A plaintext client meeting a TLS server sees its socket closed; once a
+        # call has been answered, a closed socket just means a server went away.
+        if (isinstance(err, ServerUnavailable) and not self.security.tls and not self._answered
                 and "socket closed" in str(err).lower()):
             err = ServerUnavailable(f"{err}; if the server uses TLS, give --tls-ca (or $KVS_TLS_CA)")
         if isinstance(err, (ServerUnavailable, ServerTimeout)):
             self._state = "down"
         return err
 
-    def _unary(self, method, request, timeout: float | None = None):
+    def _unary(self, method, request, timeout: float | None = None, metadata=None):
         started = time.perf_counter()
         try:
-            resp, call = method.with_call(request, timeout=timeout or self.timeout)
+            resp, call = method.with_call(request, timeout=timeout or self.timeout,
+                                          metadata=metadata)
         except grpc.RpcError as exc:
             self.last_latency = time.perf_counter() - started
             raise self._failed(exc) from None
         self._note(call, started)
         return resp, _errors(call)
 
-    def _stream(self, method, requests, timeout: float | None = None):
+    def _stream(self, method, requests, timeout: float | None = None, metadata=None):
         started = time.perf_counter()
-        call = method(iter(list(requests)), timeout=timeout or self.timeout)
+        call = method(iter(list(requests)), timeout=timeout or self.timeout, metadata=metadata)
         try:
             out = list(call)
         except grpc.RpcError as exc:
@@ -589,7 +600,8 @@ class Client:
                 self._written.popitem(last=False)
 
     def put(self, key: str, value: str) -> Written:
-        resp, err = self._unary(self._kvs.Insere, kvs_pb2.ChaveValor(chave=key, valor=value))
+        resp, err = self._unary(self._kvs.Insere, kvs_pb2.ChaveValor(chave=key, valor=value),
+                                metadata=_request_id())
         self._remember(key, resp.versao)
         return Written(key, resp.versao, err, value=value)
 
@@ -605,7 +617,8 @@ class Client:
 
     def delete(self, key: str, version: int | None = None) -> Written:
         resp, err = self._unary(self._kvs.Remove,
-                                kvs_pb2.ChaveVersao(chave=key, **_opt_version(version)))
+                                kvs_pb2.ChaveVersao(chave=key, **_opt_version(version)),
+                                metadata=_request_id())
         if resp.versao > 0:
             self._written.pop(key, None)  # what we wrote may be gone now
         return Written(key, resp.versao, err, requested=version)
@@ -627,7 +640,8 @@ class Client:
 
     def mput(self, pairs: Sequence[tuple[str, str]]) -> list[Written]:
         resps, err = self._stream(self._kvs.InsereVarias,
-                                  (kvs_pb2.ChaveValor(chave=k, valor=v) for k, v in pairs))
+                                  (kvs_pb2.ChaveValor(chave=k, valor=v) for k, v in pairs),
+                                  metadata=_request_id())
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         for (k, _v), r in zip(pairs, resps):
             self._remember(k, r.versao)
@@ -643,7 +657,8 @@ class Client:
     def mdel(self, items: Sequence[tuple[str, int | None]]) -> list[Written]:
         resps, err = self._stream(
             self._kvs.RemoveVarias,
-            (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items))
+            (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items),
+            metadata=_request_id())
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         for (k, _v), r in zip(items, resps):
             if r.versao > 0:

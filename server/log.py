@@ -17,6 +17,10 @@ Design (details and the JSON fields in the README):
   keeps them.  ``prev`` != own hash: diverged, state transfer.
 * Heartbeats from the leader on the *same* topic announce the last position,
   so a dropped tail is noticed too.
+* Idempotent retries: a client may tag a write with a request id
+  (``kvs-request-id`` metadata); the change then carries ``c:<id>``, the
+  leader sequences one id once, and every server keeps the settled outcomes
+  of recent ids, so a retry through any server gets the first answer.
 * Leadership: servers announce themselves with retained presence documents
   (and a retained "offline" will).  When the leader is gone (offline or
   silent for ``leader_timeout``), the online server with the smallest node id
@@ -64,6 +68,9 @@ log = logging.getLogger(__name__)
 class Outcome(NamedTuple):
     version: int
     reason: str = ""
+    # False for "we could not find out" answers (expired, storage failure, outcome
+    # lost in a state transfer): a client's retry must not be answered from those.
+    settled: bool = True
 
 
 class Role(enum.Enum):
@@ -88,6 +95,7 @@ class LogConfig:
     keep_batches: int = 200_000        # recent batches kept in memory for peers' repair
     keep_bytes: int = 256 << 20
     recent_ids: int = 200_000          # proposal ids remembered for de-duplication
+    client_results: int = 100_000      # outcomes kept for clients' retries (request ids)
     snapshot_every: int = 50_000       # applied changes between snapshots (with a data dir)
     max_value_len: int | None = None
     max_key_len: int | None = None
@@ -121,7 +129,7 @@ def _set_results(pairs: list) -> None:
 @dataclass
 class _Waiter:
     item: dict
-    future: asyncio.Future  # from LoopCompletions
+    futures: list  # asyncio futures from LoopCompletions; a client's retry adds one
     deadline: float
     next_retry: float
 
@@ -195,6 +203,9 @@ class ReplicatedLog:
 
         self._waiting: dict[str, _Waiter] = {}
         self._waiting_lock = threading.Lock()
+        # Settled outcomes of changes that carry a client's request id ("c:..."), so a
+        # retry of the same request through any server gets the first answer.
+        self._client_results: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
         self._outbox: list[dict] = []
         self._outbox_cv = threading.Condition()
         # Leader: our clients' results wait until a second server has the batch.
@@ -250,20 +261,27 @@ class ReplicatedLog:
         self.transport.stop()
         with self._waiting_lock:
             waiters, self._waiting = list(self._waiting.values()), {}
-        self._completions.deliver([(w.future, Outcome(-1, "server shutting down")) for w in waiters])
+        down = Outcome(-1, "server shutting down", settled=False)
+        self._completions.deliver([(f, down) for w in waiters for f in w.futures])
         if self.datadir is not None:
             self.datadir.sync()
             self.datadir.close()
         self.peers.close()
 
-    def submit_put(self, key: str, value: str):
+    def submit_put(self, key: str, value: str, request_id: str | None = None):
         """An asyncio future (call on the loop) that resolves to an Outcome within
-        ``write_timeout``: the version, or -1 and the reason."""
-        return self._submit({"op": "put", "k": key, "v": value})
+        ``write_timeout``: the version, or -1 and the reason.
 
-    def submit_del(self, key: str, version: int | None):
+        ``request_id``: the client's idempotency key.  A change is applied once per
+        request id, whichever server a retry reaches: a server answers a retry with
+        the first outcome, and the leader drops a proposal whose id it already
+        sequenced (de-duplication window: ``recent_ids`` changes)."""
+        return self._submit({"op": "put", "k": key, "v": value}, request_id)
+
+    def submit_del(self, key: str, version: int | None, request_id: str | None = None):
         return self._submit({"op": "del", "k": key,
-                             "ver": version if version is not None and version > 0 else None})
+                             "ver": version if version is not None and version > 0 else None},
+                            request_id)
 
     def readable_now(self) -> bool:
         return self._readable.is_set()
@@ -331,22 +349,33 @@ class ReplicatedLog:
     # =====================================================================
     # Submitting changes
     # =====================================================================
-    def _submit(self, item: dict):
+    def _submit(self, item: dict, request_id: str | None = None):
         fut = self._completions.new()
         if self._storage_error:
-            self._completions.deliver([(fut, Outcome(-1, self._storage_error))])
+            self._completions.deliver([(fut, Outcome(-1, self._storage_error, settled=False))])
             return fut
         if not self.transport.connected:
-            self._completions.deliver(
-                [(fut, Outcome(-1, "the message broker is unreachable; write not made"))])
+            self._completions.deliver([(fut, Outcome(
+                -1, "the message broker is unreachable; write not made", settled=False))])
             return fut
-        item["id"] = f"{self.node}:{self.boot}:{next(self._ids)}"
+        iid = f"c:{request_id}" if request_id else f"{self.node}:{self.boot}:{next(self._ids)}"
+        item["id"] = iid
         item["node"] = self.node
         now = time.monotonic()
         with self._waiting_lock:
-            self._waiting[item["id"]] = _Waiter(item, fut, now + self.cfg.write_timeout,
-                                               now + self.cfg.retry_interval)
-        self._send(item)
+            # Checked and registered under the lock that _resolve_mine records
+            # results under, so a retry cannot fall between the two.
+            settled = self._client_results.get(iid) if request_id else None
+            waiter = self._waiting.get(iid) if settled is None else None
+            if waiter is not None:
+                waiter.futures.append(fut)  # already proposed; the ticker re-sends it
+            elif settled is None:
+                self._waiting[iid] = _Waiter(item, [fut], now + self.cfg.write_timeout,
+                                             now + self.cfg.retry_interval)
+        if settled is not None:
+            self._completions.deliver([(fut, settled)])
+        elif waiter is None:
+            self._send(item)
         return fut
 
     def _send(self, item: dict) -> None:
@@ -375,11 +404,21 @@ class ReplicatedLog:
                                        codec.proposal_doc(self.node, chunk, time.time()))
 
     def _resolve_mine(self, results: list[tuple[str, Outcome]]) -> None:
+        """Answer the waiting clients; remember settled outcomes of request ids."""
         if not results:
             return
+        pairs = []
+        kept = self._client_results
         with self._waiting_lock:
-            waiters = [(self._waiting.pop(i, None), o) for i, o in results]
-        self._completions.deliver([(w.future, o) for w, o in waiters if w is not None])
+            for iid, o in results:
+                w = self._waiting.pop(iid, None)
+                if w is not None:
+                    pairs += [(f, o) for f in w.futures]
+                if o.settled and iid.startswith("c:"):
+                    kept[iid] = o
+            while len(kept) > self.cfg.client_results:
+                kept.popitem(last=False)
+        self._completions.deliver(pairs)
 
     def _retry_and_expire(self) -> None:
         now = time.monotonic()
@@ -393,8 +432,9 @@ class ReplicatedLog:
                     resend.append(w.item)
             gone = [self._waiting.pop(wid) for wid in expired]
         expired_reason = Outcome(-1, f"change not replicated within {self.cfg.write_timeout:g}s"
-                                     " (no sequencer reachable); it may still be applied later")
-        self._completions.deliver([(w.future, expired_reason) for w in gone])
+                                     " (no sequencer reachable); it may still be applied later",
+                                 settled=False)
+        self._completions.deliver([(f, expired_reason) for w in gone for f in w.futures])
         if resend and self.transport.connected:
             log.info("re-sending %d unanswered proposals", len(resend))
             for item in resend:
@@ -480,7 +520,7 @@ class ReplicatedLog:
                     # Fail-stop: nothing more is acknowledged as durable.
                     log.critical("cannot make changes durable: %s; refusing writes", e)
                     self._storage_error = f"storage failure on {self.node}: {e}"
-                    fail = Outcome(-1, self._storage_error)
+                    fail = Outcome(-1, self._storage_error, settled=False)
                     ready = [(i, fail) for i, _ in ready]
                     published = [(last, [(i, fail) for i, _ in res]) for last, res in published]
             self._resolve_mine(ready)
@@ -532,7 +572,8 @@ class ReplicatedLog:
             # the next leader's log wins and we repair by state transfer.
             self._diverged = True
             self._step_down("could not publish a batch")
-            self._resolve_mine([(i, Outcome(-1, "lost the broker while replicating")) for i, _ in mine])
+            lost = Outcome(-1, "lost the broker while replicating", settled=False)
+            self._resolve_mine([(i, lost) for i, _ in mine])
             return None
         self._published = (batch.last, batch.hash)
         return batch.last, mine
@@ -581,7 +622,7 @@ class ReplicatedLog:
     def _fail_unconfirmed(self, reason: str) -> None:
         pending, self._commit_wait = self._commit_wait, collections.deque()
         for _, results in pending:
-            self._resolve_mine([(i, Outcome(-1, reason)) for i, _ in results])
+            self._resolve_mine([(i, Outcome(-1, reason, settled=False)) for i, _ in results])
 
     # ---- applying -------------------------------------------------------------
     def _apply_batch(self, b: Batch, persist: bool = True) -> list[tuple[str, Outcome]]:
@@ -608,7 +649,9 @@ class ReplicatedLog:
                     continue
                 iid = it["id"]
                 self._recent_ids[iid] = b.first + i
-                if it["node"] == node:
+                # A client's request id may be waited for here even though another
+                # server proposed it (the client retried through us).
+                if it["node"] == node or iid.startswith("c:"):
                     mine.append((iid, out))
             self.applied, self.hash = b.last, b.hash
             if b.epoch != self.epoch or b.leader != self.leader:
@@ -822,7 +865,8 @@ class ReplicatedLog:
             if w.item["op"] == "put" and found is not None:
                 out.append((w.item["id"], Outcome(found.number)))
             else:
-                out.append((w.item["id"], Outcome(-1, "applied during a state transfer; outcome unknown")))
+                out.append((w.item["id"], Outcome(-1, "applied during a state transfer; outcome unknown",
+                                                         settled=False)))
         return out + self._apply_in_order_pending()
 
     def _peer_addrs(self, prefer: str = "") -> list[tuple[str, str]]:

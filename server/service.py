@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import grpc
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 ERROR_KEY = "kvs-error"
 NODE_KEY = "kvs-node"
+REQUEST_ID_KEY = "kvs-request-id"   # a client's idempotency key for a write
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
 READ_POLL = 0.02        # s between checks while a read waits for the node to be in step
@@ -42,6 +45,17 @@ def _version_arg(msg) -> int | None:
 
 def _blank(key: str) -> kvs_pb2.Tupla:
     return kvs_pb2.Tupla(chave=key, valor="", versao=0)
+
+
+def request_id(context) -> str | None:
+    """The call's ``kvs-request-id``: None when absent; InvalidInput when malformed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
+                raise InvalidInput(f"{REQUEST_ID_KEY} must be 8-64 characters of"
+                                   " A-Z a-z 0-9 _ -")
+            return value
+    return None
 
 
 async def _with_store(rlog: ReplicatedLog, read, *args):
@@ -98,21 +112,22 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         self.max_value_len = max_value_len
 
     # ---- single operations -------------------------------------------------
-    def _start_put(self, req):
-        """The log's future for this change, or the Outcome of a rejected request."""
+    def _start_put(self, req, rid: str | None):
+        """The log's future for this change, or the Outcome of a rejected request.
+        ``rid``: the request id of this change, if the client gave one."""
         try:
             check_key(req.chave, self.max_key_len)
             check_value(req.valor, self.max_value_len)
         except InvalidInput as e:
             return Outcome(-1, str(e))
-        return self.log.submit_put(req.chave, req.valor)
+        return self.log.submit_put(req.chave, req.valor, rid)
 
-    def _start_del(self, req):
+    def _start_del(self, req, rid: str | None):
         try:
             check_key(req.chave, self.max_key_len)
         except InvalidInput as e:
             return Outcome(-1, str(e))
-        return self.log.submit_del(req.chave, _version_arg(req))
+        return self.log.submit_del(req.chave, _version_arg(req), rid)
 
     @staticmethod
     async def _finish(started) -> Outcome:
@@ -164,7 +179,9 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
     async def _unary(self, context, start, request) -> kvs_pb2.Versao:
         errors = _Errors(context)
         try:
-            out = await self._finish(start(request))
+            out = await self._finish(start(request, request_id(context)))
+        except InvalidInput as e:
+            out = Outcome(-1, str(e))
         except Exception as e:
             log.exception("unexpected error")
             out = Outcome(-1, f"internal error: {e}")
@@ -198,19 +215,26 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         """Submits while earlier changes are still replicating; a bounded
         window keeps one client from queueing unbounded work."""
         errors = _Errors(context)
+        try:
+            rid = request_id(context)  # the i-th change of the stream gets "<rid>.<i>"
+        except InvalidInput as e:
+            rid, rejected = None, Outcome(-1, str(e))
+            start = lambda req, rid: rejected  # noqa: E731 - every change answers -1
         window = asyncio.Semaphore(STREAM_WINDOW)
         started: asyncio.Queue = asyncio.Queue()
         done = object()
 
         async def reader():
+            n = 0
             try:
                 async for req in requests:
                     await window.acquire()
                     try:
-                        started.put_nowait(start(req))
+                        started.put_nowait(start(req, rid and f"{rid}.{n}"))
                     except Exception as e:
                         log.exception("unexpected error")
                         started.put_nowait(Outcome(-1, f"internal error: {e}"))
+                    n += 1
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # client went away or sent garbage

@@ -300,6 +300,64 @@ def test_unicode_keys_and_values(stubs3):
 
 
 # ---------------------------------------------------------------------------
+# idempotent retries: a write tagged with a request id is applied once
+# ---------------------------------------------------------------------------
+def _rid(value: str | None = None):
+    return (("kvs-request-id", value or uuid.uuid4().hex),)
+
+
+def test_request_id_applies_a_write_once_through_any_server(stubs3):
+    a, b, c = stubs3
+    k = f"rid-{uid()}"
+    first = _rid()
+    # the first attempt, then "retries" of it through every server
+    assert [s.kvs.Insere(CV(chave=k, valor="val-1"), metadata=first, timeout=10).versao
+            for s in (a, b, c, a)] == [1, 1, 1, 1]
+    # another request id is another write
+    assert b.kvs.Insere(CV(chave=k, valor="val-2"), metadata=_rid(), timeout=10).versao == 2
+    # the same id sent through all three servers at once: one version between them
+    same = _rid()
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda s: s.kvs.Insere(CV(chave=k, valor="val-3"), metadata=same,
+                                                   timeout=10).versao, (a, b, c)))
+    assert got == [3, 3, 3], got
+    wait_all(stubs3, lambda s: sorted(v.versao for v in s.history(k).versions) == [1, 2, 3],
+             f"{k} has versions 1..3 only")
+
+    # a Remove retried after it was applied answers what the first answered
+    gone = _rid()
+    assert a.kvs.Remove(CVer(k, 2), metadata=gone, timeout=10).versao == 2
+    assert c.kvs.Remove(CVer(k, 2), metadata=gone, timeout=10).versao == 2
+    # ... even though removing version 2 again (a new request) fails
+    assert c.kvs.Remove(CVer(k, 2), metadata=_rid(), timeout=10).versao == -1
+
+    # a stream's i-th change is "<id>.<i>": the whole stream retried through another
+    # server gets the same versions and writes nothing twice
+    ks = [f"{k}-s{i}" for i in range(3)]
+    stream_id = _rid()
+    once = [r.versao for r in a.kvs.InsereVarias(iter([CV(chave=x, valor="sss") for x in ks]),
+                                                 metadata=stream_id, timeout=10)]
+    again = [r.versao for r in b.kvs.InsereVarias(iter([CV(chave=x, valor="sss") for x in ks]),
+                                                  metadata=stream_id, timeout=10)]
+    assert once == again == [1, 1, 1]
+    wait_all(stubs3, lambda s: all(s.history(x).max_version == 1 for x in ks),
+             "stream keys written once")
+
+
+def test_malformed_request_id_is_refused_and_writes_nothing(stubs3):
+    a, b, _ = stubs3
+    k = f"rid-bad-{uid()}"
+    for bad in ("short", "x" * 65, "has space!", "dots.are.out"):
+        resp, call = a.kvs.Insere.with_call(CV(chave=k, valor="val"), metadata=_rid(bad), timeout=10)
+        assert resp.versao == -1, bad
+        assert "kvs-request-id" in trailing(call).get("kvs-error", ""), trailing(call)
+    replies, = [list(b.kvs.InsereVarias(iter([CV(chave=k, valor="val")] * 2),
+                                        metadata=_rid("bad id"), timeout=10))]
+    assert [r.versao for r in replies] == [-1, -1]
+    assert a.insere(k, "plain-value") == 1  # nothing above was written
+
+
+# ---------------------------------------------------------------------------
 # concurrency: the same keys written through all three servers at once
 # ---------------------------------------------------------------------------
 def test_concurrent_inserts_same_keys_from_three_servers(stubs3):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from types import SimpleNamespace
 
 import pytest
 
+from kvs_shell import client as client_mod
 from kvs_shell import commands as C
 from kvs_shell.client import BadTarget, KeyList, Read, Written, Client, parse_servers
 from kvs_shell.compat import FlagError, parse_flags
@@ -361,13 +363,15 @@ class _LaggingServers:
 
     def __init__(self, stale: int):
         self.stale, self.reads = stale, 0
+        self.metadata: list = []  # of every call, in order
         outer = self
 
         class _Method:
             def __init__(self, fn):
                 self.fn = fn
 
-            def with_call(self, request, timeout=None):
+            def with_call(self, request, timeout=None, metadata=None):
+                outer.metadata.append(metadata)
                 return self.fn(request), outer._Call()
 
         self.Insere = _Method(lambda r: SimpleNamespace(versao=1))
@@ -399,6 +403,29 @@ def test_round_robin_client_reads_its_own_writes_from_a_lagging_server():
         assert c.get("k1").version == 0 and fake.reads == 1
     finally:
         c.close()
+
+
+def test_every_write_carries_a_fresh_request_id_and_reads_none():
+    c = Client(["127.0.0.1:9000", "127.0.0.1:9001"])
+    try:
+        c._kvs = fake = _LaggingServers(stale=0)
+        c.put("k1", "v1")
+        c.put("k1", "v1")
+        c.get("k1")
+        c.delete("k1")
+        put1, put2, read, delete = fake.metadata
+        ids = [dict(md)["kvs-request-id"] for md in (put1, put2, delete)]
+        assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+        assert read is None
+    finally:
+        c.close()
+
+
+def test_round_robin_service_config_retries_only_unavailable():
+    config = json.loads(client_mod.SERVICE_CONFIG)
+    (method,) = config["methodConfig"]
+    assert {n["service"] for n in method["name"]} == {"kvs.KVS", "kvs.KVSExt"}
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
 
 
 def test_single_server_client_does_not_retry_reads():
