@@ -966,8 +966,13 @@ class ReplicatedLog:
             try:
                 st = self.peers.status(m.addr, timeout=1.0)
             except Exception as e:
-                log.warning("peer %s did not answer status: %s", m.node, e)
-                continue
+                # It may hold writes we lack (acknowledged by it and the old leader):
+                # taking over behind it would discard them.  Ask again on the next
+                # tick; a peer that is really gone stops counting as alive when its
+                # presence lapses (will, or PRESENCE_TTL).
+                log.warning("not taking over yet: live peer %s did not answer status: %s",
+                            m.node, e)
+                return
             top_epoch = max(top_epoch, st.epoch)
             # The most advanced log: Raft's "up to date" order, epoch first.
             if (st.epoch, st.applied_seq) > (self.epoch, self.applied) and (
