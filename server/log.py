@@ -865,8 +865,8 @@ class ReplicatedLog:
             if w.item["op"] == "put" and found is not None:
                 out.append((w.item["id"], Outcome(found.number)))
             else:
-                out.append((w.item["id"], Outcome(-1, "applied during a state transfer; outcome unknown",
-                                                         settled=False)))
+                out.append((w.item["id"], Outcome(
+                    -1, "applied during a state transfer; outcome unknown", settled=False)))
         return out + self._apply_in_order_pending()
 
     def _peer_addrs(self, prefer: str = "") -> list[tuple[str, str]]:
