@@ -259,12 +259,22 @@ def _status_line(address: str, security: Security | None = None) -> str:
             st = kvs_pb2_grpc.KVSExtStub(ch).Status(
                 kvs_pb2.StatusRequest(), timeout=2.0,
                 metadata=security.metadata() if security else None)
-        return (f"node={st.node_id} state={st.state} applied_seq={st.applied_seq} "
-                f"leader={st.leader or '-'} keys={st.keys} broker={'up' if st.broker_connected else 'down'}")
+        return status_text(st)
     except grpc.RpcError as exc:
         return f"(status: {exc.code().name} {exc.details()})"
     except OSError as exc:  # a secret / CA file went missing
         return f"(status: {exc})"
+
+
+def status_text(st) -> str:
+    """One line of a NodeStatus message; Raft servers show role/term/commit/applied."""
+    if st.role:
+        position = (f"role={st.role} term={st.term} commit={st.commit_index} "
+                    f"applied={st.applied_index}")
+    else:
+        position = f"applied_seq={st.applied_seq}"
+    return (f"node={st.node_id} {position} state={st.state} leader={st.leader or '-'} "
+            f"keys={st.keys} broker={'up' if st.broker_connected else 'down'}")
 
 
 def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:

@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from .client import (DEFAULT_PORT, BadTarget, SecurityConfigError, parse_servers,
-                     security_from, set_default_security)
+from .client import (CONSISTENCY_LEVELS, DEFAULT_PORT, LOCAL, BadTarget, SecurityConfigError,
+                     parse_servers, security_from, set_default_security)
 from .render import FORMATS
 
 SERVERS_ENV = "KVS_SHELL_SERVERS"
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-on-error", action="store_true",
                    help="in scripts and pipes, keep going after a failed command")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (5)")
+    p.add_argument("--consistency", choices=CONSISTENCY_LEVELS, default=LOCAL,
+                   help="how get/mget/snapshot read: local (the answering server's state, "
+                        "default) or linearizable (confirmed with a quorum; see `help consistency`)")
     p.add_argument("--timing", action="store_true", help="show the time each command took")
     p.add_argument("--no-color", action="store_true", help="never use colours")
     add_security_flags(p)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shell = Shell(servers, fmt=fmt, timeout=args.timeout, interactive=interactive,
                       color=color, continue_on_error=args.continue_on_error,
-                      default_host=args.host)
+                      default_host=args.host, consistency=args.consistency)
     except BadTarget as exc:
         print(f"kvs_shell: {exc}", file=sys.stderr)
         return 2

@@ -27,10 +27,10 @@ class Shell:
                  interactive: bool = False, out: TextIO | None = None,
                  err: TextIO | None = None, color: bool | None = None,
                  continue_on_error: bool = False, default_host: str = "127.0.0.1",
-                 width: int | None = None):
+                 width: int | None = None, consistency: str = "local"):
         self.default_host = default_host
         self.timeout = timeout
-        self.client = Client(servers, timeout=timeout)
+        self.client = Client(servers, timeout=timeout, consistency=consistency)
         self.renderer = Renderer(fmt, out=out, err=err, color=color, interactive=interactive,
                                  width=width)
         self.interactive = interactive
@@ -48,7 +48,7 @@ class Shell:
     def connect(self, spec: str) -> str:
         try:
             servers = parse_servers(spec, self.default_host)
-            new = Client(servers, timeout=self.timeout)
+            new = Client(servers, timeout=self.timeout, consistency=self.client.consistency)
         except BadTarget as exc:
             raise C.UsageError(str(exc)) from None
         old, self.client = self.client, new
@@ -83,6 +83,8 @@ class Shell:
         else:
             self.renderer.render(outcome)
             ok = outcome.ok
+            if "nodes" in outcome.extra:
+                self.completer.saw_nodes(outcome.extra["nodes"])
             if not ok:
                 self.renderer.error(where + (outcome.error or "command failed"))
         self.last_latency = time.perf_counter() - started
@@ -139,6 +141,10 @@ class Shell:
             peer = f" via {self.client.last_peer}" if self.client.last_peer else ""
             parts.append(("class:bottom-toolbar",
                           f"│ last {self.last_latency * 1000:.1f} ms{peer} "))
+        level = self.client.consistency
+        parts.append(("class:bottom-toolbar", "│ reads "))
+        parts.append(("class:bottom-toolbar.ok" if level == "linearizable"
+                      else "class:bottom-toolbar", f"{level} "))
         parts.append(("class:bottom-toolbar",
                       f"│ timing {'on' if self.timing else 'off'} │ TAB complete · Ctrl-R search · "
                       "Ctrl-D exit "))

@@ -16,6 +16,11 @@ through any server, with the first outcome.
 The server sends the reason for a -1 / blank answer in the trailing metadata
 key ``kvs-error``; every result carries it in ``.error``.
 
+Reads (Consulta, ConsultaVarias, Snapshot) are served from the answering server's
+state by default; a client with ``consistency="linearizable"`` sends
+``kvs-consistency: linearizable`` on them, and the server answers only after
+confirming with a quorum that it has every write acknowledged before (ReadIndex).
+
 Security (opt-in, see :class:`Security`): TLS with a given CA (optionally a
 client certificate for mutual TLS) and a bearer token sent as
 ``authorization: Bearer <token>`` metadata on every call.  A client built without
@@ -44,6 +49,9 @@ REQUEST_ID_KEY = "kvs-request-id"
 READ_YOUR_WRITES_WAIT = 1.0   # s a read waits for a lagging server to show our write
 READ_YOUR_WRITES_KEYS = 10_000  # keys whose last written version a session remembers
 NODE_KEY = "kvs-node"  # optional trailing metadata: the node that answered
+CONSISTENCY_KEY = "kvs-consistency"  # request metadata of a read
+LOCAL, LINEARIZABLE = "local", "linearizable"
+CONSISTENCY_LEVELS = (LOCAL, LINEARIZABLE)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
 DEFAULT_TIMEOUT = 5.0
@@ -83,6 +91,14 @@ class Unauthenticated(ClientError):
 
 class SecurityConfigError(ClientError, ValueError):
     """A token file / CA file that cannot be read."""
+
+
+class NoQuorum(ClientError):
+    """The server cannot reach a majority of the cluster's voting members."""
+
+
+def is_no_quorum(reason: str) -> bool:
+    return "no quorum" in (reason or "").lower()
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +215,10 @@ class Written:
     def ok(self) -> bool:
         return self.version > 0
 
+    @property
+    def no_quorum(self) -> bool:
+        return is_no_quorum(self.error)
+
 
 @dataclass
 class Read:
@@ -212,6 +232,10 @@ class Read:
     @property
     def found(self) -> bool:
         return self.version > 0
+
+    @property
+    def no_quorum(self) -> bool:
+        return is_no_quorum(self.error)
 
 
 @dataclass
@@ -245,6 +269,45 @@ class Peer:
 
 
 @dataclass
+class Member:
+    """One member of the Raft configuration, as some server sees it."""
+    node_id: str
+    address: str = ""
+    role: str = ""  # voter | learner
+    online: bool = False
+    match_index: int = 0  # the leader's view of its log (0: not known by the answering server)
+    leader: bool = False
+
+
+@dataclass
+class MemberList:
+    members: list[Member]
+    leader: str = ""
+    cluster_id: str = ""
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.node_id for m in self.members]
+
+
+@dataclass
+class MemberRemoval:
+    """Answer of MemberRemove: ``ok=False`` is a refusal, with the server's reason."""
+    node_id: str
+    ok: bool
+    error: str = ""
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def no_quorum(self) -> bool:
+        return is_no_quorum(self.error)
+
+
+def _members(msgs) -> list[Member]:
+    return [Member(m.node_id, m.address, m.role, m.online, m.match_index, m.leader) for m in msgs]
+
+
+@dataclass
 class NodeStatus:
     address: str  # the address we asked
     up: bool
@@ -262,11 +325,26 @@ class NodeStatus:
     advertised: str = ""
     peers: list[Peer] = field(default_factory=list)
     error: str = ""
+    snapshotting: bool = False
+    # Raft; a server that does not run Raft leaves role empty
+    role: str = ""  # leader, follower, candidate, pre-candidate, learner
+    term: int = 0
+    commit_index: int = 0
+    applied_index: int = 0
+    members: list[Member] = field(default_factory=list)
+    cluster_id: str = ""
+
+    @property
+    def raft(self) -> bool:
+        return bool(self.role)
 
     @property
     def lag(self) -> int | None:
+        """Entries known committed but not applied yet (Raft), or behind the sequencer."""
         if not self.up:
             return None
+        if self.raft:
+            return max(0, self.commit_index - self.applied_index)
         return max(0, self.leader_seq - self.applied_seq)
 
 
@@ -335,6 +413,18 @@ SERVICE_CONFIG = json.dumps({
 def _request_id() -> tuple[tuple[str, str]]:
     """Metadata with a fresh idempotency key for one write call."""
     return ((REQUEST_ID_KEY, uuid.uuid4().hex),)
+
+
+def check_consistency(level: str) -> str:
+    if level not in CONSISTENCY_LEVELS:
+        raise ValueError(f"unknown consistency {level!r} (choose from {', '.join(CONSISTENCY_LEVELS)})")
+    return level
+
+
+def read_metadata(level: str) -> tuple[tuple[str, str], ...] | None:
+    """Metadata of a read at ``level``: local reads send none, so they stay what the
+    course's contract describes."""
+    return ((CONSISTENCY_KEY, LINEARIZABLE),) if level == LINEARIZABLE else None
 
 
 def grpc_target(addresses: Sequence[str]) -> str:
@@ -436,6 +526,8 @@ def _translate(exc: grpc.RpcError, where: str) -> ClientError:
     except Exception:  # noqa: BLE001
         pass
     msg = details + (f" ({reason})" if reason and reason not in details else "")
+    if is_no_quorum(msg):  # a server that answered, not one that is unreachable
+        return NoQuorum(f"server {where}: {msg}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return Unauthenticated(f"authentication failed: {details or 'missing or invalid token'}"
                                " (give the token with --token-file/--token or $KVS_TOKEN_FILE/$KVS_TOKEN)")
@@ -470,7 +562,7 @@ class Client:
     """A connection to one server or a round-robin cluster of servers."""
 
     def __init__(self, addresses: Sequence[str] | str, timeout: float = DEFAULT_TIMEOUT,
-                 security: Security | None = None):
+                 security: Security | None = None, consistency: str = LOCAL):
         if isinstance(addresses, str):
             addresses = parse_servers(addresses)
         self.addresses = list(addresses)
@@ -494,6 +586,16 @@ class Client:
         self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.last_latency: float | None = None
         self._closed = False
+        self.consistency = consistency
+
+    @property
+    def consistency(self) -> str:
+        """``local`` or ``linearizable``: how Consulta, ConsultaVarias and Snapshot read."""
+        return self._consistency
+
+    @consistency.setter
+    def consistency(self, level: str) -> None:
+        self._consistency = check_consistency(level)
 
     # -- connection state ----------------------------------------------------
     @property
@@ -607,12 +709,13 @@ class Client:
 
     def get(self, key: str, version: int | None = None) -> Read:
         request = kvs_pb2.ChaveVersao(chave=key, **_opt_version(version))
-        resp, err = self._unary(self._kvs.Consulta, request)
+        md = read_metadata(self.consistency)
+        resp, err = self._unary(self._kvs.Consulta, request, metadata=md)
         wrote = self._written.get(key, 0) if not version or version <= 0 else 0
         deadline = time.monotonic() + READ_YOUR_WRITES_WAIT
         while resp.versao < wrote and time.monotonic() < deadline:
             time.sleep(0.005)
-            resp, err = self._unary(self._kvs.Consulta, request)
+            resp, err = self._unary(self._kvs.Consulta, request, metadata=md)
         return Read(key, resp.valor, resp.versao, version, err)
 
     def delete(self, key: str, version: int | None = None) -> Written:
@@ -650,7 +753,8 @@ class Client:
     def mget(self, items: Sequence[tuple[str, int | None]]) -> list[Read]:
         resps, err = self._stream(
             self._kvs.ConsultaVarias,
-            (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items))
+            (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items),
+            metadata=read_metadata(self.consistency))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         return [Read(k, r.valor, r.versao, v, e) for (k, v), r, e in zip(items, resps, reasons)]
 
@@ -670,7 +774,8 @@ class Client:
         """Every key's tuple at ``version`` (0: latest). Blank tuples are dropped."""
         started = time.perf_counter()
         call = self._kvs.Snapshot(kvs_pb2.Versao(versao=int(version)),
-                                  timeout=max(self.timeout, 30.0))
+                                  timeout=max(self.timeout, 30.0),
+                                  metadata=read_metadata(self.consistency))
         try:
             rows = [Read(t.chave, t.valor, t.versao, version or None)
                     for t in call if t.chave or t.versao]
@@ -706,6 +811,31 @@ class Client:
                 self._status_channels[address] = ch
         return kvs_pb2_grpc.KVSExtStub(ch)
 
+    def member_list(self, timeout: float | None = None) -> MemberList:
+        """The cluster's members as the answering server knows them."""
+        resp, _ = self._unary(self._ext.MemberList, kvs_pb2.MemberListRequest(), timeout=timeout)
+        return MemberList(_members(resp.members), resp.leader, resp.cluster_id)
+
+    def member_remove(self, node_id: str) -> MemberRemoval:
+        """Asks the cluster to remove ``node_id``; a refusal is ``ok=False`` with the reason.
+        It carries a request id so that a retry after UNAVAILABLE can be recognised."""
+        resp, err = self._unary(self._ext.MemberRemove,
+                                kvs_pb2.MemberRemoveRequest(node_id=node_id),
+                                metadata=_request_id())
+        return MemberRemoval(node_id, bool(resp.ok), resp.error or ("" if resp.ok else err),
+                             _members(resp.members))
+
+    def status(self, address: str | None = None, timeout: float = 1.5) -> NodeStatus:
+        """Status of the server at ``address``, or of whichever server of the target
+        answers (its ``address`` is then the peer that answered)."""
+        if address is not None:
+            return self.node_status(address, timeout)
+        try:
+            r, _ = self._unary(self._ext.Status, kvs_pb2.StatusRequest(), timeout=timeout)
+        except ClientError as exc:
+            return NodeStatus(self.label, False, error=str(exc))
+        return _node_status(self.last_peer or self.label, r)
+
     def node_status(self, address: str, timeout: float = 1.5) -> NodeStatus:
         """Status of one server (``up=False`` with the reason when it cannot be reached)."""
         try:
@@ -715,12 +845,7 @@ class Client:
             return NodeStatus(address, False, error=str(exc))
         except grpc.RpcError as exc:
             return NodeStatus(address, False, error=str(_translate(exc, address)))
-        return NodeStatus(
-            address=address, up=True, node_id=r.node_id, broker_connected=r.broker_connected,
-            applied_seq=r.applied_seq, leader_seq=r.leader_seq, epoch=r.epoch, leader=r.leader,
-            state=r.state, keys=r.keys, log_hash=r.log_hash, uptime=r.uptime, durable=r.durable,
-            advertised=r.address,
-            peers=[Peer(p.node_id, p.address, p.online) for p in r.peers])
+        return _node_status(address, r)
 
     def cluster_status(self, timeout: float = 1.5) -> list[NodeStatus]:
         """Status of every configured server, plus every peer they report."""
@@ -735,7 +860,7 @@ class Client:
                 todo = []
                 for st in pool.map(lambda a: self.node_status(a, timeout), batch):
                     seen[st.address] = st
-                    for p in st.peers:
+                    for p in [*st.peers, *st.members]:
                         if p.address and p.address not in seen and p.address not in batch:
                             peer_names.setdefault(p.address, p.node_id)
                             if p.address not in todo:
@@ -751,3 +876,13 @@ class Client:
                 st.node_id = peer_names.get(st.address, "")
             out.append(st)
         return out
+
+
+def _node_status(address: str, r) -> NodeStatus:
+    return NodeStatus(
+        address=address, up=True, node_id=r.node_id, broker_connected=r.broker_connected,
+        applied_seq=r.applied_seq, leader_seq=r.leader_seq, epoch=r.epoch, leader=r.leader,
+        state=r.state, keys=r.keys, log_hash=r.log_hash, uptime=r.uptime, durable=r.durable,
+        advertised=r.address, peers=[Peer(p.node_id, p.address, p.online) for p in r.peers],
+        snapshotting=r.snapshotting, role=r.role, term=r.term, commit_index=r.commit_index,
+        applied_index=r.applied_index, members=_members(r.members), cluster_id=r.cluster_id)

@@ -39,9 +39,15 @@ class Context(Protocol):  # what handlers need from the shell
     def request_exit(self) -> None: ...
 
 
-# argument kinds drive completion and highlighting
+# argument kinds drive completion and highlighting; a kind with a "|" is a fixed choice
 KEY, VALUE, VERSION, PREFIX, KEYVER, PAIRS, ONOFF, COMMAND, SERVER = (
     "key", "value", "version", "prefix", "key[@ver]", "pairs", "on|off", "command", "server")
+LEVEL, MEMBER_ACTION, NODE = "local|linearizable", "list|remove", "node"
+
+
+def choices(kind: str | None) -> tuple[str, ...]:
+    """The words a fixed-choice kind accepts (none for the other kinds)."""
+    return tuple(kind.split("|")) if kind and "|" in kind else ()
 
 
 @dataclass
@@ -117,13 +123,16 @@ def do_put(ctx: Context, args: list[str]) -> Outcome:
     key, value = check_key(args[0]), check_value(args[1])
     r = ctx.client.put(key, value)
     ctx.wrote([key])
-    return Outcome("put", r, ok=r.ok, error="" if r.ok else _refused("put", key, r.error))
+    return Outcome("put", r, ok=r.ok,
+                   error="" if r.ok else _refused("put", key, r.error, r.no_quorum))
 
 
 def do_get(ctx: Context, args: list[str]) -> Outcome:
     key = check_key(args[0])
     version = parse_version(args[1]) if len(args) > 1 else None
     r = ctx.client.get(key, version)
+    if _unserved(r):
+        return Outcome("get", r, ok=False, error=_not_read("get", key, r.error, r.no_quorum))
     return Outcome("get", r)  # not found is a normal answer
 
 
@@ -132,7 +141,8 @@ def do_del(ctx: Context, args: list[str]) -> Outcome:
     version = parse_version(args[1]) if len(args) > 1 else None
     r = ctx.client.delete(key, version)
     ctx.wrote([key])
-    return Outcome("del", r, ok=r.ok, error="" if r.ok else _refused("del", key, r.error))
+    return Outcome("del", r, ok=r.ok,
+                   error="" if r.ok else _refused("del", key, r.error, r.no_quorum))
 
 
 def do_mput(ctx: Context, args: list[str]) -> Outcome:
@@ -146,7 +156,16 @@ def do_mput(ctx: Context, args: list[str]) -> Outcome:
 
 def do_mget(ctx: Context, args: list[str]) -> Outcome:
     items = [split_keyver(w) for w in args]
-    return Outcome("mget", ctx.client.mget(items))
+    rows = ctx.client.mget(items)
+    bad = [r for r in rows if _unserved(r)]
+    err = "; ".join(_not_read("mget", r.key, r.error, r.no_quorum) for r in bad)
+    return Outcome("mget", rows, ok=not bad, error=err)
+
+
+def _unserved(r) -> bool:
+    """A blank answer with a reason: the server did not serve the read (not in step, no
+    quorum for a linearizable read), which is not the same as "not found"."""
+    return not r.found and bool(r.error)
 
 
 def do_mdel(ctx: Context, args: list[str]) -> Outcome:
@@ -158,17 +177,33 @@ def do_mdel(ctx: Context, args: list[str]) -> Outcome:
 
 def _batch(kind: str, rows) -> Outcome:
     bad = [r for r in rows if not r.ok]
-    err = "; ".join(_refused(kind, r.key, r.error) for r in bad)
+    err = "; ".join(_refused(kind, r.key, r.error, r.no_quorum) for r in bad)
     return Outcome(kind, rows, ok=not bad, error=err)
 
 
-def _refused(op: str, key: str, reason: str) -> str:
-    return f"{op} {key}: refused by the server" + (f": {reason}" if reason else " (no reason given)")
+NO_QUORUM_WRITE = ("not acknowledged: the server cannot reach a majority of the cluster's "
+                   "voting members; try again once `status` shows a leader")
+NO_QUORUM_READ = ("a linearizable read needs a majority of the voting members; "
+                  "`consistency local` reads what this server has")
+
+
+def _refused(op: str, key: str, reason: str, no_quorum: bool = False) -> str:
+    text = f"{op} {key}: refused by the server" + (f": {reason}" if reason else " (no reason given)")
+    return text + (f" ({NO_QUORUM_WRITE})" if no_quorum else "")
+
+
+def _not_read(op: str, key: str, reason: str, no_quorum: bool = False) -> str:
+    text = f"{op} {key}: the server did not serve the read: {reason}"
+    return text + (f" ({NO_QUORUM_READ})" if no_quorum else "")
 
 
 def do_snapshot(ctx: Context, args: list[str]) -> Outcome:
     version = parse_version(args[0]) if args else 0
     rows, err = ctx.client.snapshot(version)
+    if err:  # the server sends a reason only when it did not serve the snapshot
+        return Outcome("snapshot", rows, ok=False, extra={"version": version},
+                       error=_not_read("snapshot", f"at version {version or 'latest'}", err,
+                                       "no quorum" in err.lower()))
     extra: dict = {"version": version, "details": _written_through(ctx, rows)}
     return Outcome("snapshot", rows, extra=extra)
 
@@ -216,7 +251,55 @@ def do_keys(ctx: Context, args: list[str]) -> Outcome:
 def do_status(ctx: Context, args: list[str]) -> Outcome:
     nodes = ctx.client.cluster_status()
     down = [n for n in nodes if not n.up]
-    return Outcome("status", nodes, extra={"down": len(down)})
+    seen = node_names(m for n in nodes for m in n.members)
+    seen += [(n.node_id, n.advertised or n.address) for n in nodes if n.node_id]
+    return Outcome("status", nodes, extra={"down": len(down), "nodes": seen})
+
+
+def node_names(members) -> list[tuple[str, str]]:
+    """(node id, description) of members, for completing NODE (``extra["nodes"]``)."""
+    return [(m.node_id, " ".join(x for x in (m.address, m.role) if x)) for m in members]
+
+
+def do_member(ctx: Context, args: list[str]) -> Outcome:
+    action = args[0].lower() if args else "list"
+    if action == "list":
+        if len(args) > 1:
+            raise UsageError("usage: member list")
+        ml = ctx.client.member_list()
+        return Outcome("members", ml, extra={"nodes": node_names(ml.members)})
+    if action == "remove":
+        if len(args) != 2:
+            raise UsageError("usage: member remove NODE")
+        node = args[1]
+        r = ctx.client.member_remove(node)
+        if not r.ok:
+            return Outcome("member_remove", r, ok=False,
+                           error=_refused("member remove", node, r.error, r.no_quorum))
+        members = r.members or _best_effort_members(ctx)
+        r.members = members
+        return Outcome("member_remove", r, extra={"nodes": node_names(members)})
+    raise UsageError("usage: member list | member remove NODE")
+
+
+def _best_effort_members(ctx: Context) -> list:
+    """The list after a removal whose answer did not carry it (the removal itself worked)."""
+    try:
+        return ctx.client.member_list().members
+    except Exception:  # noqa: BLE001 - the list is a courtesy
+        return []
+
+
+def do_consistency(ctx: Context, args: list[str]) -> Outcome:
+    if args:
+        level = args[0].lower()
+        if level not in choices(LEVEL):
+            raise UsageError("usage: consistency [local|linearizable]")
+        ctx.client.consistency = level
+    what = ("reads confirm with a quorum that they see every acknowledged write (ReadIndex)"
+            if ctx.client.consistency == "linearizable"
+            else "reads answer from the server's own state")
+    return Outcome("info", f"consistency is {ctx.client.consistency}: {what}")
 
 
 def do_connect(ctx: Context, args: list[str]) -> Outcome:
@@ -287,10 +370,26 @@ COMMANDS: list[Command] = [
     Command("keys", ("ls",), "keys [PREFIX]", "list live keys (starting with PREFIX)",
             "Lists every key that has at least one live version, sorted, optionally only those "
             "starting with PREFIX.", "keys user:", do_keys, (PREFIX,), 0, 1),
-    Command("status", (), "status", "every server of the cluster: up/down, position, lag, keys",
-            "Asks every configured server (and every peer they report) for its status: up or "
-            "down, node id, state, applied log position, lag behind the sequencer "
-            "(leader_seq - applied_seq) and key count.", "status", do_status, (), 0, 0),
+    Command("status", (), "status", "every server: role, term, commit/applied index, state, members",
+            "Asks every configured server (and every member or peer they report) for its status: "
+            "up or down, node id, Raft role and term, commit index, applied index, lag "
+            "(commit - applied), state (in-step, catching-up, no-quorum, joining, removed, "
+            "starting), key count, the leader it knows, and the members each server knows.",
+            "status", do_status, (), 0, 0),
+    Command("member", ("members",), "member [list | remove NODE]", "list the cluster's members, or remove one",
+            "member list (also plain `member`) shows every member of the Raft configuration: node "
+            "id, address, role (voter or learner), whether it was seen online recently, the "
+            "leader's match index of its log, and which one leads. member remove NODE asks the "
+            "cluster to remove NODE (a configuration change through the log) and shows the new "
+            "list; the cluster may refuse (e.g. an unknown node, or no quorum), which is a failed "
+            "command.", "member remove node-9003", do_member, (MEMBER_ACTION, NODE), 0, 2),
+    Command("consistency", (), "consistency [local|linearizable]", "how reads are served (show or switch)",
+            "local (the default): get, mget and snapshot answer from the state of the server "
+            "that takes the call. linearizable: they send kvs-consistency: linearizable, and the "
+            "server answers only after confirming with a quorum that it has every write "
+            "acknowledged before the read started (slower; fails without a quorum). Without "
+            "argument shows the current mode.", "consistency linearizable", do_consistency,
+            (LEVEL,), 0, 1),
     Command("connect", (), "connect PORT|HOST:PORT|P1,P2,...", "switch to other server(s)",
             "Connects to another server, or to a cluster of servers (round robin with failover), "
             "without restarting the shell.", "connect 9000,9001,9002", do_connect,

@@ -15,6 +15,9 @@ after a write the prefixes used lately are re-listed by a background thread
 Versions (for ``get KEY VER``, ``del KEY VER``, ``mget KEY@VER``) come from
 ``KVSExt.History`` of the key already typed, newest first, with a preview of
 the value as completion meta; cached per key until that key is written.
+
+Node ids (``member remove NODE``) come from the last ``member list`` / ``status``
+the shell ran; before any, from one ``KVSExt.MemberList`` in the completion thread.
 """
 from __future__ import annotations
 
@@ -250,6 +253,22 @@ class KVSCompleter(Completer):
                                                                    timeout=timeout),
             limit=limit, fetch_timeout=fetch_timeout)
         self.versions = VersionCache(lambda key: self._source().history(key))
+        self.fetch_timeout = fetch_timeout
+        self._nodes: dict[str, str] | None = None  # node id -> description; None: never seen
+
+    def saw_nodes(self, nodes: Iterable[tuple[str, str]]) -> None:
+        """The members a command just showed: they replace what was known (a removed
+        member stops completing)."""
+        self._nodes = {n: meta for n, meta in nodes if n}
+
+    def _known_nodes(self) -> dict[str, str]:
+        if self._nodes is None:
+            try:
+                ml = self._source().member_list(timeout=self.fetch_timeout)
+            except Exception:  # noqa: BLE001 - completion must never raise
+                return {}
+            self.saw_nodes(C.node_names(ml.members))
+        return self._nodes or {}
 
     # called by the shell
     def wrote(self, keys: Iterable[str], added: Iterable[str] = ()) -> None:
@@ -261,6 +280,7 @@ class KVSCompleter(Completer):
     def reset(self) -> None:
         self.keys.clear()
         self.versions.invalidate()
+        self._nodes = None
 
     def get_completions(self, document: Document, complete_event: CompleteEvent):
         text = document.text_before_cursor
@@ -298,10 +318,16 @@ class KVSCompleter(Completer):
                 for v, val in self.versions.versions(key):
                     if str(v).startswith(current):
                         yield Completion(str(v), -raw_len, display_meta=_preview(val))
-        elif kind == C.ONOFF:
-            for w in ("on", "off"):
+        elif C.choices(kind):
+            for w in C.choices(kind):
                 if w.startswith(current.lower()):
                     yield Completion(w, -raw_len)
+        elif kind == C.NODE:
+            if args[0].text.lower() == "remove":
+                for node, meta in sorted(self._known_nodes().items()):
+                    if node.startswith(current):
+                        yield Completion(quote(node), -raw_len, display=node,
+                                         display_meta=meta)
         elif kind == C.COMMAND:
             for c in C.COMMANDS:
                 if c.name.startswith(current.lower()):

@@ -60,6 +60,8 @@ def highlight(line: str) -> list[tuple[str, str]]:
                 style += " class:kvs.bad"
             elif kind == C.VERSION and not tok.text.isdigit():
                 style += " class:kvs.bad"
+            elif C.choices(kind) and tok.text.lower() not in C.choices(kind):
+                style += " class:kvs.bad"
             arg_index += 1
         frags.append((style, raw))
         pos = tok.end

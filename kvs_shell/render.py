@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict, is_dataclass
 from typing import Any, TextIO
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -166,12 +167,15 @@ class Renderer:
         if r.found:
             self._line(r.key, r.version, r.value)
         else:
-            self._line(r.key if r.requested is None else f"{r.key}@{r.requested}", "(not found)")
+            self._line(r.key if r.requested is None else f"{r.key}@{r.requested}",
+                       NOT_SERVED if r.error else "(not found)")
 
     def _r_get(self, o: Outcome) -> None:
         r = o.data
         if self.fmt == "json":
             self._json(self._get_json(r))
+        elif not o.ok:
+            return  # not served: the error goes to stderr
         elif self.fmt == "plain":
             self._get_plain(r)
         else:
@@ -240,11 +244,15 @@ class Renderer:
             for r in o.data:
                 t.add_row(escape(r.key), "" if r.requested is None else str(r.requested),
                           str(r.version) if r.found else "-",
-                          escape(elide(r.value)) if r.found else "[yellow](not found)[/]")
+                          escape(elide(r.value)) if r.found
+                          else f"[red]{NOT_SERVED}[/] {escape(r.error)}" if r.error
+                          else "[yellow](not found)[/]")
             self.out.print(t)
 
     # -- listings ------------------------------------------------------------------
     def _r_snapshot(self, o: Outcome) -> None:
+        if not o.ok:
+            return  # not served: the error goes to stderr
         rows = o.data
         details = o.extra.get("details", {})
         if self.fmt == "json":
@@ -327,25 +335,65 @@ class Renderer:
         elif self.fmt == "plain":
             for n in nodes:
                 if n.up:
-                    self._line(n.address, "up", n.node_id, n.state, n.applied_seq, n.lag, n.keys)
+                    self._line(n.address, "up", n.node_id, n.state, n.applied_seq, n.lag, n.keys,
+                               n.role or "-", n.term, n.commit_index, n.applied_index,
+                               ",".join(m.node_id for m in n.members) or "-")
                 else:
                     self._line(n.address, "down", n.node_id, n.error)
         else:
-            t = Table(title="cluster status", title_justify="left", header_style="bold")
-            for col, just in (("server", "left"), ("up", "left"), ("node", "left"),
-                              ("state", "left"), ("applied", "right"), ("lag", "right"),
-                              ("keys", "right"), ("leader", "left"), ("broker", "left")):
+            self.out.print(status_table(nodes))
+            for n in nodes:  # reasons are long: below the table, not in a cell
+                if not n.up:
+                    self.out.print(Text.assemble((f"{n.node_id or n.address} down: ", "red"),
+                                                 n.error))
+            views = membership_table(nodes)
+            if views is not None:
+                self.out.print(views)
+
+    # -- membership -----------------------------------------------------------------
+    def _r_members(self, o: Outcome) -> None:
+        ml = o.data
+        caption = f"{len(ml.members)} member{'s' if len(ml.members) != 1 else ''}"
+        caption += f", leader {ml.leader}" if ml.leader else ", no leader known"
+        caption += f", cluster {ml.cluster_id}" if ml.cluster_id else ""
+        self._members(ml.members, caption)
+
+    def _r_member_remove(self, o: Outcome) -> None:
+        r = o.data
+        if self.fmt == "json":
+            self._json(_drop_none({"op": "member remove", "node": r.node_id, "ok": r.ok,
+                                   "error": r.error or None,
+                                   "members": [member_row(m) for m in r.members] if r.ok else None}))
+        elif not r.ok:
+            return  # the error goes to stderr
+        else:
+            if self.fmt == "table":
+                self.out.print(Text.assemble(("OK ", "bold green"), "removed ",
+                                             (r.node_id, "bold"), " from the cluster"))
+            self._members(r.members, f"{len(r.members)} members now")
+
+    def _members(self, members, caption: str) -> None:
+        rows = [member_row(m) for m in members]
+        if self.fmt == "json":
+            for row in rows:
+                self._json(row)
+        elif self.fmt == "plain":
+            for m in rows:
+                self._line(m["node_id"], m["address"] or "-", m["role"] or "-",
+                           "online" if m["online"] else "offline", m["match_index"],
+                           "leader" if m["leader"] else "-")
+        else:
+            t = Table(title="members", title_justify="left", header_style="bold", caption=caption)
+            for col, just in (("node", "left"), ("address", "left"), ("role", "left"),
+                              ("online", "left"), ("match", "right"), ("leader", "left")):
                 t.add_column(col, justify=just)
-            for n in nodes:
-                if n.up:
-                    state_style = "green" if n.state == "in-step" else "yellow"
-                    t.add_row(escape(n.address), "[green]up[/]", escape(n.node_id),
-                              f"[{state_style}]{escape(n.state)}[/]", str(n.applied_seq),
-                              str(n.lag), str(n.keys), escape(n.leader),
-                              "ok" if n.broker_connected else "[red]disconnected[/]")
-                else:
-                    t.add_row(escape(n.address), "[red]down[/]", escape(n.node_id),
-                              escape(n.error), "", "", "", "", "")
+            for m in rows:
+                t.add_row(escape(m["node_id"]), escape(m["address"]),
+                          f"[cyan]{escape(m['role'])}[/]" if m["role"] == "learner"
+                          else escape(m["role"]),
+                          "[green]yes[/]" if m["online"] else "[red]no[/]",
+                          str(m["match_index"]) if m["match_index"] else "-",
+                          "[bold green]★ leader[/]" if m["leader"] else "")
             self.out.print(t)
 
     def _r_help(self, o: Outcome) -> None:
@@ -382,6 +430,102 @@ class Renderer:
         self.out.print(t)
         self.out.print(Text("help COMMAND shows an example; TAB completes commands, keys and "
                             "versions; `;` separates commands; # starts a comment.", style="dim"))
+
+
+NOT_SERVED = "(not served)"
+_ROLE_STYLE = {"leader": "bold green", "candidate": "yellow", "pre-candidate": "yellow",
+               "learner": "cyan"}
+_STATE_STYLE = {"in-step": "green", "no-quorum": "red", "removed": "red"}
+
+
+def member_row(m) -> dict:
+    """One member as the three formats show it (the JSON object)."""
+    return {"node_id": m.node_id, "address": m.address, "role": m.role, "online": m.online,
+            "match_index": m.match_index, "leader": m.leader}
+
+
+def _styled(text: str, styles: dict, default: str = "yellow") -> str:
+    style = styles.get(text, default)
+    return f"[{style}]{escape(text)}[/]" if text and style else escape(text)
+
+
+def status_table(nodes) -> Table:
+    """One row per server: Raft role, term, indexes, state, keys.  The leader and the
+    broker get a column only when the servers disagree / one is disconnected (width)."""
+    up = [n for n in nodes if n.up]
+    leaders = {n.leader for n in up}
+    split_view = len(leaders) > 1
+    broker_trouble = any(not n.broker_connected for n in up)
+    # no vertical rules: up to 11 columns have to fit a 100-column terminal
+    t = Table(title="cluster status", title_justify="left", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    # a server is named by its node id (its address is in `member list` and in JSON)
+    t.add_column("node", no_wrap=True)
+    for col, just in (("role", "left"), ("term", "right"),
+                      ("commit", "right"), ("applied", "right"), ("lag", "right"),
+                      ("state", "left"), ("keys", "right")):
+        t.add_column(col, justify=just, no_wrap=True, min_width=len(col))
+    if split_view:
+        t.add_column("leader", no_wrap=True, min_width=len("leader"))
+    if broker_trouble:
+        t.add_column("broker", no_wrap=True, min_width=len("broker"))
+    for n in nodes:
+        cells = [escape(n.node_id or n.address)]
+        if not n.up:
+            cells += ["", "", "", "", "", "[red]down[/]", ""]
+        else:
+            raft = n.raft
+            cells += [_styled(n.role, _ROLE_STYLE, default="") if raft else "-",
+                      str(n.term) if raft else "-", str(n.commit_index) if raft else "-",
+                      str(n.applied_index if raft else n.applied_seq), str(n.lag),
+                      _styled(n.state, _STATE_STYLE), str(n.keys)]
+        if split_view:
+            cells.append(escape(n.leader) if n.up else "")
+        if broker_trouble:
+            cells.append("" if not n.up else "ok" if n.broker_connected else "[red]lost[/]")
+        t.add_row(*cells)
+    notes = []
+    if not split_view and up:
+        notes.append(f"leader {escape(leaders.pop() or 'unknown')}")
+    ids = sorted({n.cluster_id for n in up if n.cluster_id})
+    if len(ids) == 1:
+        notes.append(f"cluster {escape(ids[0])}")
+    elif ids:
+        notes.append(f"[red]servers report different clusters: {escape(', '.join(ids))}[/]")
+    t.caption = ", ".join(notes)
+    return t
+
+
+def membership_table(nodes) -> Table | None:
+    """The configuration each server knows: one row per server, one column per member
+    (a disagreement between rows is a configuration change in flight, or a split)."""
+    views = [n for n in nodes if n.up and n.members]
+    if not views:
+        return None
+    member_ids = sorted({m.node_id for n in views for m in n.members})
+    t = Table(title="members as each server sees them", title_justify="left",
+              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("server")
+    for mid in member_ids:
+        t.add_column(escape(mid))
+    for n in views:
+        known = {m.node_id: m for m in n.members}
+        cells = []
+        for mid in member_ids:
+            m = known.get(mid)
+            if m is None:
+                cells.append("[dim]—[/]")
+                continue
+            parts = [escape(m.role or "member")]
+            if m.leader:
+                parts.append("[bold green]leader[/]")
+            if not m.online:
+                parts.append("[red]offline[/]")
+            if m.match_index:
+                parts.append(f"match {m.match_index}")
+            cells.append(", ".join(parts))
+        t.add_row(escape(n.node_id or n.address), *cells)
+    return t
 
 
 def repr_value(value: str) -> str:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvs_proto import kvs_pb2_grpc
 
-from .log import LogConfig, LoopCompletions, ReplicatedLog
+from .node import Node, NodeConfig
 from .peers import PeerClients
 from .security import TokenAuthInterceptor, channel_credentials, read_secret, server_credentials
 from .service import KVSExtServicer, KVSServicer, ReplicaServicer
@@ -93,14 +93,11 @@ async def serve(args: argparse.Namespace) -> int:
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def on_state(state: str) -> None:  # core thread
-        serving = state in ("in-step", "no-leader")
+    def on_state(state: str) -> None:  # on the loop
+        serving = state in ("in-step", "no-quorum")
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            asyncio.run_coroutine_threadsafe(health_servicer.set("", status), loop)
-        except RuntimeError:  # loop closed: shutting down
-            pass
+        loop.create_task(health_servicer.set("", status))
 
     try:
         token = read_secret(args.token_file, "KVS_TOKEN")
@@ -109,9 +106,8 @@ async def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         log.error("cannot read a secret: %s", e)
         return 2
-    cfg = LogConfig(node_id=args.node_id, address=args.advertise, cluster=args.cluster,
-                    write_timeout=args.write_timeout, max_key_len=args.max_key_len,
-                    max_value_len=args.max_value_len)
+    cfg = NodeConfig(node_id=args.node_id, address=args.advertise, cluster=args.cluster,
+                     write_timeout=args.write_timeout)
     broker = BrokerConfig(host=args.mqtt_host, port=args.mqtt_port, username=args.mqtt_username,
                           password=mqtt_password, tls_ca=args.mqtt_tls_ca,
                           secret=cluster_secret.encode() if cluster_secret else None)
@@ -119,8 +115,8 @@ async def serve(args: argparse.Namespace) -> int:
     peer_creds = (channel_credentials(args.tls_ca, args.tls_cert if args.tls_client_ca else None,
                                       args.tls_key if args.tls_client_ca else None)
                   if args.tls_ca else None)
-    rlog = ReplicatedLog(cfg, broker, LoopCompletions(loop), datadir=datadir,
-                         peers=PeerClients(peer_creds, token), on_state=on_state)
+    peers = PeerClients(peer_creds, token)
+    node = Node(cfg, broker, datadir=datadir, peers=peers, on_state=on_state)
 
     server = grpc.aio.server(
         interceptors=[TokenAuthInterceptor(token)] if token else None,
@@ -128,9 +124,9 @@ async def serve(args: argparse.Namespace) -> int:
                  ("grpc.max_send_message_length", 256 * 1024 * 1024),
                  ("grpc.so_reuseport", 0)])
     kvs_pb2_grpc.add_KVSServicer_to_server(
-        KVSServicer(rlog, cfg.write_timeout, args.max_key_len, args.max_value_len), server)
-    kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(rlog), server)
-    kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(rlog), server)
+        KVSServicer(node, cfg.write_timeout, args.max_key_len, args.max_value_len), server)
+    kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(node, peers), server)
+    kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(node), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = f"{args.host}:{args.port}"
     try:
@@ -145,8 +141,11 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%s", args.host, args.port)
         return 2
 
-    # Recovery reads the data dir (blocking); keep the loop free meanwhile.
-    await asyncio.to_thread(rlog.start)
+    try:
+        await node.start()   # recovery reads the data dir in the persistence thread
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        return 2
     await server.start()
     log.info("serving gRPC on %s:%d%s (broker %s:%d%s, data dir %s, tokens %s, signed messages %s)",
              args.host, args.port, " with TLS" if args.tls_cert else "", args.mqtt_host,
@@ -165,7 +164,7 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2)
-    await asyncio.to_thread(rlog.stop)
+    await node.stop()
     log.info("stopped")
     return 0
 

@@ -1,222 +1,233 @@
-"""JSON messages on the broker: encoding, strict decoding, the chain hash.
+"""The JSON documents on the broker (and in the WAL): typed, strict decoding.
 
-Every document is a JSON object with a type field ``t``.  Decoding is strict:
-anything that is not exactly one of the documented shapes raises
-``BadMessage`` and is dropped by the caller, so garbage on our topics can
-never reach the store.  Field meanings are documented in the README.
+Every broker document is a JSON object tagged by ``t`` ("raft", "node",
+"join"); the shapes are msgspec Structs below and are documented in the
+README.  Decoding either yields exactly such a document or raises
+``BadMessage`` -- never another exception -- so garbage on our topics cannot
+reach the Raft machine or the store.
+
+Unknown fields: tolerated (ignored) at the top level of a document, so a newer
+server may add a field without cutting older ones off the cluster; refused
+inside entry data (items, conf changes), because an entry is replicated and
+applied verbatim and every node must see exactly the same change.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from dataclasses import dataclass
-from typing import Any
+import sys
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+from .raft.types import CONF, NOOP, NORMAL, Entry, Message, MsgType
 
 MAX_DOC_BYTES = 64 * 1024 * 1024  # refuse to even parse anything larger
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_loads = json.loads
-
 
 class BadMessage(ValueError):
-    """A broker payload that is not a well-formed KVS document."""
+    """A payload that is not a well-formed KVS document."""
 
 
-def encode(doc: dict) -> bytes:
-    return _dumps(doc).encode("utf-8")
-
-
-def chain_hash(payload: bytes) -> str:
-    """Hash of a log batch's exact bytes.  Each batch carries the previous
-    batch's hash in ``prev``, so equal hashes at a position prove equal logs."""
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
-
-
-GENESIS_HASH = "0" * 32
+# ints fit an int64 (msgspec cannot bound beyond it); log positions are >= 0
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Int32 = Annotated[int, Meta(ge=-2**31, le=2**31 - 1)]
+Name = Annotated[str, Meta(min_length=1)]
+# a wall-clock time: finite (the bound refuses inf, JSON has no NaN and
+# msgspec refuses 1e400), >= 0
+Time = Annotated[float, Meta(ge=0.0, le=sys.float_info.max)]
 
 
 # ---------------------------------------------------------------------------
-# Items: one change each.
-#   {"id": str, "op": "put", "k": str, "v": str, "node": str}
-#   {"id": str, "op": "del", "k": str, "ver": int|null, "node": str}
-#   {"op": "epoch", "node": str}            (a new sequencer took over)
+# Entry data (strict: forbid_unknown_fields)
 # ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Batch:
-    epoch: int
-    leader: str
-    first: int
-    prev: str
-    ts: float
-    items: list
-    payload: bytes  # the exact bytes; hashed and stored as they are
-
-    @property
-    def last(self) -> int:
-        return self.first + len(self.items) - 1
-
-    @property
-    def hash(self) -> str:
-        return chain_hash(self.payload)
+class Put(Struct, tag="put", tag_field="op", forbid_unknown_fields=True):
+    id: Name
+    k: str
+    v: str
+    node: Name
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    epoch: int
-    leader: str
-    last: int
-    hash: str
+class Del(Struct, tag="del", tag_field="op", forbid_unknown_fields=True):
+    id: Name
+    k: str
+    ver: Int32 | None   # None: every live version
+    node: Name
 
 
-@dataclass(frozen=True, slots=True)
-class Proposal:
-    node: str
-    items: list
-    ts: float  # when the proposer sent it: old replays are refused
+class NormalData(Struct, forbid_unknown_fields=True):
+    ts: Time
+    items: Annotated[list[Union[Put, Del]], Meta(min_length=1)]
 
 
-@dataclass(frozen=True, slots=True)
-class Presence:
-    node: str
+class AddLearner(Struct, tag="add_learner", tag_field="op", forbid_unknown_fields=True):
+    node: Name
+    addr: str
+
+
+class Promote(Struct, tag="promote", tag_field="op", forbid_unknown_fields=True):
+    node: Name
+    addr: str
+
+
+class Remove(Struct, tag="remove", tag_field="op", forbid_unknown_fields=True):
+    node: Name
+    addr: str
+
+
+class Voter(Struct, array_like=True, forbid_unknown_fields=True):
+    node: Name   # [node, addr]: an array of exactly two (a list again after to_builtins)
+    addr: str
+
+
+class Bootstrap(Struct, tag="bootstrap", tag_field="op", forbid_unknown_fields=True):
+    voters: Annotated[list[Voter], Meta(min_length=1)]
+
+
+ConfData = Union[AddLearner, Promote, Remove, Bootstrap]
+
+# The data of an entry is checked by its kind's decoder (it sits in the
+# entry array after the kind, so a tagged union cannot select it).
+_DATA_DECODERS = {NORMAL: msgspec.json.Decoder(NormalData),
+                  CONF: msgspec.json.Decoder(ConfData),
+                  NOOP: msgspec.json.Decoder(None)}
+_DATA_TYPES = {NORMAL: NormalData, CONF: ConfData, NOOP: None}
+
+# [term, index, kind, data]; data stays raw until its kind is known
+WireEntry = tuple[U64, U64, Literal["normal", "conf", "noop"], Raw]
+
+
+# ---------------------------------------------------------------------------
+# Top-level documents (unknown fields tolerated)
+# ---------------------------------------------------------------------------
+class RaftDoc(Struct, tag="raft", tag_field="t", omit_defaults=True):
+    """One Raft message to one node (``server.raft.types.Message`` + cluster id)."""
+    cid: str
+    type: MsgType
+    frm: Name
+    to: Name
+    term: U64 = 0
+    log_term: U64 = 0
+    index: U64 = 0
+    commit: U64 = 0
+    reject: bool = False
+    hint: U64 = 0
+    ctx: str = ""
+    entries: list[WireEntry] = []
+
+
+class Presence(Struct, tag="node", tag_field="t", frozen=True):
+    """Retained on kvs/<c>/nodes/<id>; the broker publishes the will (online=False)."""
+    node: Name
     addr: str
     online: bool
-    epoch: int
-    applied: int
-    boot: str = ""  # random id of the process start: tells a stale will from a live server
+    boot: str = ""     # random id of the process start: tells a stale will from a live server
+    cid: str = ""
+    term: U64 = 0
+    applied: U64 = 0
+    role: str = ""
 
 
-def _int(d: dict, name: str, lo: int = 0) -> int:
-    v = d.get(name)
-    if type(v) is not int or v < lo or v > 2**63:
-        raise BadMessage(f"field {name!r} must be an integer >= {lo}")
-    return v
+class Join(Struct, tag="join", tag_field="t", frozen=True):
+    """A server asking the leader to be added (as a learner) to cluster ``cid``."""
+    node: Name
+    addr: str
+    boot: str
+    cid: str
+    ts: Time
 
 
-def _str(d: dict, name: str, allow_empty: bool = False) -> str:
-    v = d.get(name)
-    if not isinstance(v, str) or (not v and not allow_empty):
-        raise BadMessage(f"field {name!r} must be a non-empty string")
-    return v
+_encoder = msgspec.json.Encoder()
+# one decoder for every top-level document: inside a union the tag ``t`` is
+# required (a lone tagged Struct would accept a document without it)
+_doc_decoder = msgspec.json.Decoder(Union[RaftDoc, Presence, Join])
+_entry_decoder = msgspec.json.Decoder(WireEntry)
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+# what a malformed payload can raise inside msgspec: invalid documents,
+# invalid UTF-8 inside strings, nesting beyond the recursion limit
+_DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError, RecursionError)
 
 
-def _item(raw: Any, sequenced: bool) -> dict:
-    if not isinstance(raw, dict):
-        raise BadMessage("item must be an object")
-    op = raw.get("op")
-    if op == "put":
-        _str(raw, "id"), _str(raw, "k"), _str(raw, "v")
-    elif op == "del":
-        _str(raw, "id"), _str(raw, "k")
-        ver = raw.get("ver")
-        if ver is not None and (type(ver) is not int or not -2**31 <= ver < 2**31):
-            raise BadMessage("field 'ver' must be an int32 or null")
-    elif op == "epoch" and sequenced:
-        pass
-    else:
-        raise BadMessage(f"unknown op {op!r}")
-    _str(raw, "node")
-    return raw
-
-
-def _parse(payload: bytes) -> dict:
-    if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_DOC_BYTES:
-        raise BadMessage("payload missing or too large")
+def _decode(decoder: msgspec.json.Decoder, payload: Any, what: str, want: type = object) -> Any:
+    if not isinstance(payload, (bytes, bytearray, memoryview)) or len(payload) > MAX_DOC_BYTES:
+        raise BadMessage(f"{what}: payload missing or too large")
     try:
-        doc = _loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise BadMessage(f"not JSON: {type(e).__name__}: {e}") from None
-    if not isinstance(doc, dict):
-        raise BadMessage("not a JSON object")
+        doc = decoder.decode(payload)
+    except _DECODE_ERRORS as e:
+        raise BadMessage(f"{what}: {type(e).__name__}: {e}") from None
+    if not isinstance(doc, want):
+        raise BadMessage(f"{what} expected, got a {type(doc).__name__} document")
     return doc
 
 
-def decode_log(payload: bytes) -> Batch | Heartbeat:
-    """A document from the log topic: a sequenced batch or a heartbeat."""
-    doc = _parse(payload)
-    t = doc.get("t")
-    if t == "batch":
-        items = doc.get("items")
-        if not isinstance(items, list) or not items:
-            raise BadMessage("batch needs a non-empty item list")
-        ts = doc.get("ts")
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
-            raise BadMessage("field 'ts' must be a finite number")
-        return Batch(_int(doc, "epoch", 1), _str(doc, "leader"), _int(doc, "first", 1),
-                     _str(doc, "prev"), float(ts), [_item(i, True) for i in items], bytes(payload))
-    if t == "hb":
-        return Heartbeat(_int(doc, "epoch", 1), _str(doc, "leader"), _int(doc, "last", 0),
-                         _str(doc, "hash"))
-    raise BadMessage(f"unexpected document type {t!r} on the log topic")
+def _entry(term: int, index: int, kind: str, raw: Raw) -> Entry:
+    try:
+        data = _DATA_DECODERS[kind].decode(raw)
+    except _DECODE_ERRORS as e:
+        raise BadMessage(f"entry {index} ({kind}) data: {e}") from None
+    # plain dicts/lists as the proposer built them; keys in field order, "op" first
+    return Entry(term, index, kind, msgspec.to_builtins(data), len(raw))
 
 
-def decode_batch(payload: bytes) -> Batch:
-    doc = decode_log(payload)
-    if not isinstance(doc, Batch):
-        raise BadMessage("expected a batch")
-    return doc
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+def encode(doc: Any) -> bytes:
+    """Any JSON-able document (state transfer header and chunks)."""
+    return _encoder.encode(doc)
 
 
-def decode_proposal(payload: bytes) -> Proposal:
-    doc = _parse(payload)
-    if doc.get("t") != "propose":
-        raise BadMessage("expected a proposal")
-    items = doc.get("items")
-    if not isinstance(items, list) or not items:
-        raise BadMessage("proposal needs a non-empty item list")
-    node = _str(doc, "node")
-    ts = doc.get("ts")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
-        raise BadMessage("field 'ts' must be a finite number")
-    items = [_item(i, False) for i in items]
-    if any(i["node"] != node for i in items):
-        raise BadMessage("proposal items must come from the proposing node")
-    return Proposal(node, items, float(ts))
+def decode_object(payload: bytes) -> dict:
+    """Any JSON object within the size limit (state transfer header and chunks)."""
+    return _decode(_object_decoder, payload, "object")
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
-    node: str
-    epoch: int
-    applied: int
+def encode_raft(cid: str, m: Message) -> bytes:
+    return _encoder.encode(RaftDoc(
+        cid, m.type, m.frm, m.to, m.term, m.log_term, m.index, m.commit, m.reject, m.hint,
+        m.ctx, [(e.term, e.index, e.kind, e.data) for e in m.entries]))
 
 
-def decode_ack(payload: bytes) -> Ack:
-    """A follower's report of the position it applied (and made durable)."""
-    doc = _parse(payload)
-    if doc.get("t") != "ack":
-        raise BadMessage("expected an ack")
-    return Ack(_str(doc, "node"), _int(doc, "epoch", 1), _int(doc, "applied", 1))
+def decode_raft(payload: bytes) -> tuple[str, Message]:
+    """(cluster id, Message); entry data comes back as plain dicts/lists."""
+    d = _decode(_doc_decoder, payload, "raft message", RaftDoc)
+    entries = tuple(_entry(*e) for e in d.entries)
+    return d.cid, Message(d.type, d.frm, d.to, d.term, d.log_term, d.index, entries,
+                          d.commit, d.reject, d.hint, d.ctx)
+
+
+def check_entry(e: Entry) -> None:
+    """Raise BadMessage unless ``e.data`` has its kind's shape.  A leader must
+    not append what its followers would refuse to decode (they would stall)."""
+    if e.kind not in _DATA_TYPES:
+        raise BadMessage(f"unknown entry kind {e.kind!r}")
+    try:
+        msgspec.convert(e.data, _DATA_TYPES[e.kind])
+    except _DECODE_ERRORS as ex:
+        raise BadMessage(f"entry {e.index} ({e.kind}) data: {ex}") from None
+
+
+def encode_entry(e: Entry) -> bytes:
+    """One entry as ``[term, index, kind, data]`` (the WAL's record)."""
+    return _encoder.encode((e.term, e.index, e.kind, e.data))
+
+
+def decode_entry(payload: bytes) -> Entry:
+    return _entry(*_decode(_entry_decoder, payload, "entry"))
+
+
+def presence_doc(node: str, addr: str, online: bool, boot: str = "", cid: str = "",
+                 term: int = 0, applied: int = 0, role: str = "") -> bytes:
+    return _encoder.encode(Presence(node, addr, online, boot, cid, term, applied, role))
 
 
 def decode_presence(payload: bytes) -> Presence:
-    doc = _parse(payload)
-    if doc.get("t") != "node":
-        raise BadMessage("expected a presence document")
-    online = doc.get("online")
-    if not isinstance(online, bool):
-        raise BadMessage("field 'online' must be a boolean")
-    boot = doc.get("boot", "")
-    if not isinstance(boot, str):
-        raise BadMessage("field 'boot' must be a string")
-    return Presence(_str(doc, "node"), _str(doc, "addr", allow_empty=True), online,
-                    _int(doc, "epoch"), _int(doc, "applied"), boot)
+    return _decode(_doc_decoder, payload, "presence", Presence)
 
 
-def batch_doc(epoch: int, leader: str, first: int, prev: str, ts: float, items: list) -> bytes:
-    return encode({"t": "batch", "epoch": epoch, "leader": leader, "first": first,
-                   "prev": prev, "ts": ts, "items": items})
+def join_doc(node: str, addr: str, boot: str, cid: str, ts: float) -> bytes:
+    return _encoder.encode(Join(node, addr, boot, cid, ts))
 
 
-def heartbeat_doc(epoch: int, leader: str, last: int, hash_: str) -> bytes:
-    return encode({"t": "hb", "epoch": epoch, "leader": leader, "last": last, "hash": hash_})
-
-
-def proposal_doc(node: str, items: list, ts: float) -> bytes:
-    return encode({"t": "propose", "node": node, "ts": ts, "items": items})
-
-
-def presence_doc(node: str, addr: str, online: bool, epoch: int, applied: int,
-                 boot: str = "") -> bytes:
-    return encode({"t": "node", "node": node, "addr": addr, "online": online,
-                   "epoch": epoch, "applied": applied, "boot": boot})
+def decode_join(payload: bytes) -> Join:
+    return _decode(_doc_decoder, payload, "join request", Join)

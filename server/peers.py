@@ -1,4 +1,5 @@
-"""gRPC client side of server-to-server repair (Replica service + Status)."""
+"""gRPC client side of server-to-server calls: state transfer (Replica.FetchState),
+Status, and forwarding a member removal to the leader."""
 from __future__ import annotations
 
 import threading
@@ -12,10 +13,6 @@ _PEER_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
-
-
-class LogTooOld(Exception):
-    """The peer no longer keeps the requested log positions: take a state transfer."""
 
 
 class PeerClients:
@@ -43,17 +40,10 @@ class PeerClients:
         stub = kvs_pb2_grpc.KVSExtStub(self._channel(addr))
         return stub.Status(kvs_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata)
 
-    def fetch_log(self, addr: str, from_seq: int, to_seq: int = 0,
-                  timeout: float = 30.0) -> Iterator[bytes]:
-        stub = kvs_pb2_grpc.ReplicaStub(self._channel(addr))
-        try:
-            for blob in stub.FetchLog(kvs_pb2.LogRange(from_seq=from_seq, to_seq=to_seq),
-                                      timeout=timeout, metadata=self._metadata):
-                yield blob.payload
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise LogTooOld(e.details()) from None
-            raise
+    def member_remove(self, addr: str, node_id: str, timeout: float = 15.0):
+        stub = kvs_pb2_grpc.KVSExtStub(self._channel(addr))
+        return stub.MemberRemove(kvs_pb2.MemberRemoveRequest(node_id=node_id), timeout=timeout,
+                                 metadata=self._metadata)
 
     def fetch_state(self, addr: str, timeout: float = 120.0) -> Iterator[bytes]:
         stub = kvs_pb2_grpc.ReplicaStub(self._channel(addr))

@@ -1,20 +1,19 @@
-"""gRPC servicers (grpc.aio): validate, hand changes to the log, read the store, map results.
+"""gRPC servicers (grpc.aio): validate, propose through the node, read the store, map results.
 
 Nothing here mutates the store.  Every handler catches everything: an
 invalid request or an internal error is answered with -1 / a blank Tupla and
 the reason in the ``kvs-error`` trailing metadata, never with an exception
 escaping to grpc (except RESOURCE_EXHAUSTED, which grpc raises itself).
 
-Why asyncio: a write waits for the log's core thread; with a thread per call
-every write cost two thread hand-offs (pool -> handler, core -> handler).  Here
-a handler is a coroutine on the server's one loop, and the core thread wakes
-the loop once per drain for all the results it produced (LoopCompletions).
-Anything that may take long (Snapshot's row list, a state export) runs in a
-worker thread so the loop keeps answering.
+Handlers are coroutines on the server's one loop, the same loop that runs the
+Raft driver, so a write costs no thread hand-off and a read of one key needs no
+lock (only the loop mutates the store).  Whole-store copies (Snapshot, a state
+export) run in a worker thread under the applier's lock.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import time
@@ -23,15 +22,16 @@ import grpc
 
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
-from .log import Outcome, ReplicatedLog
-from .peers import LogTooOld
-from .store import INT32_MAX, InvalidInput, VersionedStore, check_key, check_value
+from .node import Node, NotLeader
+from .store import INT32_MAX, InvalidInput, check_key, check_value
+from .waiters import Outcome
 
 log = logging.getLogger(__name__)
 
 ERROR_KEY = "kvs-error"
 NODE_KEY = "kvs-node"
 REQUEST_ID_KEY = "kvs-request-id"   # a client's idempotency key for a write
+CONSISTENCY_KEY = "kvs-consistency"  # "linearizable": Raft ReadIndex before reading
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
@@ -58,22 +58,12 @@ def request_id(context) -> str | None:
     return None
 
 
-async def _with_store(rlog: ReplicatedLog, read, *args):
-    """``read(store, *args)`` under the store lock: at once when the lock is free (the
-    common case: the core thread holds it only while applying a batch), else from a
-    worker thread, so a long holder (a snapshot copying 100k keys) never stalls the
-    event loop and every other call with it."""
-    lock = rlog.store_lock
-    if lock.acquire(blocking=False):
-        try:
-            return read(rlog.store, *args)
-        finally:
-            lock.release()
-
-    def locked():
-        with lock:
-            return read(rlog.store, *args)
-    return await asyncio.to_thread(locked)
+def linearizable(context) -> bool:
+    """The call asked for ``kvs-consistency: linearizable`` (anything else: local)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CONSISTENCY_KEY:
+            return value == "linearizable"
+    return False
 
 
 class _Errors:
@@ -103,10 +93,10 @@ class _Errors:
 
 
 class KVSServicer(kvs_pb2_grpc.KVSServicer):
-    def __init__(self, rlog: ReplicatedLog, write_timeout: float,
+    def __init__(self, node: Node, write_timeout: float,
                  max_key_len: int | None = None, max_value_len: int | None = None):
-        self.log = rlog
-        _Errors.node = rlog.node
+        self.log = node
+        _Errors.node = node.node
         self.write_timeout = write_timeout
         self.max_key_len = max_key_len
         self.max_value_len = max_value_len
@@ -147,7 +137,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         """None when reads may be served; else, after waiting up to ``read_wait`` for
         the node to get in step, the reason.  The wait polls on the loop rather than
         blocking a worker thread: many reads waiting at once (a node catching up under
-        load) must not starve the threads that Status, FetchLog and snapshots use."""
+        load) must not starve the threads that Snapshot and FetchState use."""
         if self.log.readable_now():
             return None
         deadline = time.monotonic() + self.log.cfg.read_wait
@@ -157,15 +147,22 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
                 return None
         return self.log.unreadable_reason()
 
-    async def _lookup(self, req) -> tuple[kvs_pb2.Tupla, str]:
+    async def _read_gate(self, context) -> str | None:
+        """None when this call may read; else the reason.  Linearizable calls first
+        confirm with the leader (ReadIndex) and wait until this server applied that far."""
+        reason = await self._unreadable()
+        if reason is None and linearizable(context):
+            reason = await self.log.read_barrier()
+        return reason
+
+    async def _lookup(self, req, gate: str | None) -> tuple[kvs_pb2.Tupla, str]:
         try:
             check_key(req.chave, self.max_key_len)
         except InvalidInput as e:
             return _blank(req.chave), str(e)
-        reason = await self._unreadable()
-        if reason is not None:
-            return _blank(req.chave), reason
-        found = await _with_store(self.log, VersionedStore.get, req.chave, _version_arg(req))
+        if gate is not None:
+            return _blank(req.chave), gate
+        found = self.log.store.get(req.chave, _version_arg(req))
         if found is None:
             return _blank(req.chave), ""
         return kvs_pb2.Tupla(chave=req.chave, valor=found.value, versao=found.number), ""
@@ -193,7 +190,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
     async def Consulta(self, request, context):
         errors = _Errors(context)
         try:
-            tupla, reason = await self._lookup(request)
+            tupla, reason = await self._lookup(request, await self._read_gate(context))
         except Exception as e:
             log.exception("unexpected error")
             tupla, reason = _blank(request.chave), f"internal error: {e}"
@@ -266,9 +263,11 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         errors = _Errors(context)
         index = 0
         try:
+            # One gate per stream: linearizable as of the stream's start.
+            gate = await self._read_gate(context)
             async for req in request_iterator:
                 try:
-                    tupla, reason = await self._lookup(req)
+                    tupla, reason = await self._lookup(req, gate)
                 except Exception as e:
                     log.exception("unexpected error")
                     tupla, reason = _blank(req.chave), f"internal error: {e}"
@@ -282,7 +281,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
     async def Snapshot(self, request, context):
         errors = _Errors(context)
         try:
-            reason = await self._unreadable()
+            reason = await self._read_gate(context)
             if reason is not None:
                 errors.add(reason)
                 yield _blank("")
@@ -304,18 +303,25 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             errors.send()
 
     def _snapshot_rows(self, version: int | None) -> list:
-        with self.log.store_lock:
+        with self.log.applier.lock:
             return list(self.log.store.snapshot(version))
 
 
+def _members(rows: list[dict]) -> list:
+    return [kvs_pb2.Member(**r) for r in rows]
+
+
 class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
-    def __init__(self, rlog: ReplicatedLog):
-        self.log = rlog
+    def __init__(self, node: Node, peers=None):
+        self.log = node
+        self.peers = peers
+        # MemberRemove replies by request id: a client's retry after a lost answer gets
+        # the first reply, not "not a member".
+        self._removals: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     async def History(self, request, context):
-        versions, top = await _with_store(
-            self.log, lambda store, key: (store.history(key), store.max_version(key)),
-            request.chave)
+        store = self.log.store
+        versions, top = store.history(request.chave), store.max_version(request.chave)
         return kvs_pb2.KeyHistory(
             chave=request.chave, max_version=min(top, INT32_MAX),
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
@@ -323,33 +329,59 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def ListKeys(self, request, context):
         limit = min(request.limit or 1000, 100_000)
-        keys, truncated = await _with_store(self.log, VersionedStore.keys, request.prefix, limit,
-                                            request.start_after or None)
+        keys, truncated = self.log.store.keys(request.prefix, limit, request.start_after or None)
         return kvs_pb2.KeyList(keys=keys, truncated=truncated)
 
     async def Status(self, request, context):
-        s = await asyncio.to_thread(self.log.status)  # takes the store lock
+        s = self.log.status()
         peers = [kvs_pb2.PeerInfo(node_id=n, address=a, online=o) for n, a, o in s.pop("peers")]
-        return kvs_pb2.NodeStatus(peers=peers, **s)
+        members = _members(s.pop("members"))
+        return kvs_pb2.NodeStatus(peers=peers, members=members, **s)
+
+    async def MemberList(self, request, context):
+        s = self.log.status()
+        return kvs_pb2.MemberListReply(members=_members(s["members"]), leader=s["leader"],
+                                       cluster_id=s["cluster_id"])
+
+    async def MemberRemove(self, request, context):
+        try:
+            rid = request_id(context)
+        except InvalidInput as e:
+            return kvs_pb2.MemberRemoveReply(ok=False, error=str(e))
+        if rid and rid in self._removals:
+            return self._removals[rid]
+        reply = await self._member_remove(request)
+        if rid and reply.ok:
+            self._removals[rid] = reply
+            while len(self._removals) > 1000:
+                self._removals.popitem(last=False)
+        return reply
+
+    async def _member_remove(self, request):
+        try:
+            await self.log.remove_member(request.node_id)
+        except NotLeader as e:
+            if not e.addr or self.peers is None:
+                return kvs_pb2.MemberRemoveReply(ok=False, error=f"{e}; try again")
+            try:   # ask the leader on the client's behalf
+                return await asyncio.to_thread(self.peers.member_remove, e.addr, request.node_id)
+            except Exception as fe:
+                return kvs_pb2.MemberRemoveReply(ok=False, error=f"{e}: {fe}")
+        except ValueError as e:
+            return kvs_pb2.MemberRemoveReply(ok=False, error=str(e))
+        except Exception as e:
+            log.exception("member remove failed")
+            return kvs_pb2.MemberRemoveReply(ok=False, error=f"internal error: {e}")
+        return kvs_pb2.MemberRemoveReply(ok=True, members=_members(self.log.members()))
 
 
 class ReplicaServicer(kvs_pb2_grpc.ReplicaServicer):
-    def __init__(self, rlog: ReplicatedLog):
-        self.log = rlog
-
-    async def FetchLog(self, request, context):
-        try:
-            payloads = await asyncio.to_thread(self.log.batches_from, request.from_seq,
-                                               request.to_seq)
-        except LogTooOld as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        for p in payloads:
-            yield kvs_pb2.Blob(payload=p)
+    def __init__(self, node: Node):
+        self.log = node
 
     async def FetchState(self, request, context):
-        # The export takes the store lock once for a consistent cut, then
-        # encodes chunk by chunk; every step runs in a worker thread.
-        chunks = self.log.export_state()
+        # The copy is taken at one applied index; chunks are encoded in a worker thread.
+        chunks = await asyncio.to_thread(self.log.export_state)
         end = object()
         while True:
             chunk = await asyncio.to_thread(next, chunks, end)

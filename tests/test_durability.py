@@ -4,7 +4,7 @@ Real processes only: a default-config Mosquitto and ``python -m server`` process
 started by :mod:`kvs_cluster` and killed by PID (SIGKILL = ``kill -9`` of the server process).
 Every test counts the writes the servers *acknowledged* (key, version, value) and afterwards checks
 that every server serves every one of them, that the replicas are identical (Snapshot, History of
-every key, Consulta of every version) and that they agree on the log position and chain hash.
+every key, Consulta of every version) and that they agree on the applied and commit index.
 
 Synchronisation is always poll-with-deadline; the write load runs in background threads and the
 phases of a test advance on the number of acknowledged writes, never on elapsed time.
@@ -12,7 +12,6 @@ Notes and measured figures: docs/durability-tests.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -228,19 +227,19 @@ def assert_all_acked_served(stubs, acks: Acks, acked: dict | None = None) -> Non
 
 
 def wait_quiet_in_step(stubs, timeout: float = CONVERGE, what: str = "replicas in step"):
-    """Every server in-step at one applied_seq with one log_hash, seen twice in a row."""
+    """Every server in-step at one applied index, commit index and term, seen twice in a row."""
     prev: list = []
 
     def pred():
         nonlocal prev
         sts = [s.status() for s in stubs]
-        key = [(st.state, st.applied_seq, st.log_hash) for st in sts]
+        key = [(st.state, st.applied_index, st.commit_index, st.term) for st in sts]
         stable, prev = key == prev, key
         return sts if (stable and all(st.state == "in-step" for st in sts)
-                       and len({(st.applied_seq, st.log_hash) for st in sts}) == 1) else False
+                       and len({(st.applied_index, st.commit_index, st.term) for st in sts}) == 1) else False
 
-    return wait_until(pred, timeout, f"{what} ({[s.address for s in stubs]}: state, applied_seq, "
-                                     "log_hash equal)", interval=0.1)
+    return wait_until(pred, timeout, f"{what} ({[s.address for s in stubs]}: state, applied, "
+                                     "commit and term equal)", interval=0.1)
 
 
 def replica_view(s, prefix: str, keys: list[str] | None = None, pool_size: int = 6,
@@ -286,7 +285,7 @@ def assert_identical(stubs, prefix: str, keys: list[str] | None = None,
 
 
 def check_cluster(stubs, acks: Acks, prefix: str) -> dict:
-    """The final check of every test: quiet + in step (same applied_seq and log_hash), every
+    """The final check of every test: quiet + in step (same applied and commit index), every
     acknowledged write served everywhere, replicas identical (Snapshot(0..3), key list, History
     of every key, Consulta of every version of every key)."""
     phase("final check: waiting for quiet + in step")
@@ -340,28 +339,30 @@ def wait_serving(server: Server, timeout: float = CONVERGE) -> None:
 
 
 # --- the write-ahead log format (docs/persistence.md), read independently of the server ------
-WAL_MAGIC = b"KVSWAL1\n"
-WAL_HDR = struct.Struct("<IIQQ")
+WAL_MAGIC = b"KVSWAL2\n"
+WAL_HDR = struct.Struct("<II")
 
 
-def wal_records(path: Path) -> list[tuple[int, int, int, int]]:
-    """(offset, length, first_seq, last_seq) of every complete, checksummed record."""
+def wal_records(path: Path) -> list[tuple[int, int, str, int, int]]:
+    """(offset, length, kind, first, last) of every complete, checksummed record: kind "E"
+    (entries first..last) or "H" (hard state; first = last = 0)."""
     data = path.read_bytes()
     assert data[:8] == WAL_MAGIC, f"{path} is not a KVS log segment"
     out, off = [], 8
     while off + WAL_HDR.size <= len(data):
-        crc, ln, first, last = WAL_HDR.unpack_from(data, off)
+        crc, ln = WAL_HDR.unpack_from(data, off)
         end = off + WAL_HDR.size + ln
         if end > len(data) or zlib.crc32(data[off + 4:end]) != crc:
             break
-        out.append((off, ln, first, last))
+        payload = data[off + WAL_HDR.size:end]
+        kind = chr(payload[0])
+        first = last = 0
+        if kind == "E":
+            entries = json.loads(payload[1:])
+            first, last = entries[0][1], entries[-1][1]
+        out.append((off, ln, kind, first, last))
         off = end
     return out
-
-
-def chain_hash(payload: bytes) -> str:
-    """The log's chain hash (README: BLAKE2b-128 of the batch's exact bytes)."""
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 def newest_segment(data_dir: Path) -> Path:
@@ -522,7 +523,7 @@ def test_kill9_leader_mid_batch_no_half_applied_batch(cluster):
             assert (tup.valor, tup.versao) == ("", 0) and trailing(rcall).get("kvs-error"), (
                 f"a server that cannot prove it is in step served a read: {tup} "
                 f"({trailing(rcall)}, {time.monotonic() - t0:.1f}s)")
-            P, H = st.applied_seq, st.log_hash
+            P = st.applied_seq
             assert P > 0
             iso_keys = list_keys(iso)
             iso_hist = {k: [(v.versao, v.valor, v.seq) for v in iso.history(k).versions]
@@ -530,69 +531,34 @@ def test_kill9_leader_mid_batch_no_half_applied_batch(cluster):
         finally:
             isolated.kill()
         # What is on the old leader's disk, read with our own reader of the documented format:
-        # whole, checksummed batches only, and the server loaded all of them (position P, hash H).
-        disk = []
-        for seg in sorted(victim.data_dir.glob("log-*.wal")):
-            data = seg.read_bytes()
-            for off, ln, first, last in wal_records(seg):
-                disk.append((first, last, data[off + WAL_HDR.size:off + WAL_HDR.size + ln]))
-        assert disk and disk[-1][1] == P and chain_hash(disk[-1][2]) == H, (
-            f"server loaded position {P} hash {H}; its log on disk ends at "
-            f"{disk[-1][:2] if disk else None}")
-        # Compare with the peers' log: a common prefix, then possibly a tail the old leader
-        # sequenced but never got to the broker.  That tail must hold no acknowledged write.
+        # whole, checksummed records; the server loaded the committed prefix of them.
+        disk_last = max((last for seg in sorted(victim.data_dir.glob("log-*.wal"))
+                         for _off, _ln, kind, _first, last in wal_records(seg) if kind == "E"),
+                        default=0)
+        assert disk_last >= P, f"server loaded position {P}; its log on disk ends at {disk_last}"
+        # Raft applies committed entries only: what it loaded from disk alone is a prefix of the
+        # cluster's state (changes are numbered by seq, the same on every replica).
         peer = others[0]
-        rstub = kvs_pb2_grpc.ReplicaStub(peer.channel)
-        theirs = {}
-        for blob in rstub.FetchLog(kvs_pb2.LogRange(from_seq=1, to_seq=0), timeout=60):
-            d = json.loads(blob.payload)
-            theirs[d["first"]] = blob.payload
-        common = 0
-        for first, last, payload in disk:
-            if theirs.get(first) != payload:
-                break
-            common = last
-        tail_items = [(it.get("k"), it.get("v"), json.loads(pl)["first"] + i)
-                      for first, last, pl in disk if first > common
-                      for i, it in enumerate(json.loads(pl)["items"])]
-        # A change in that tail may still have been acknowledged: its proposer re-sent it
-        # to the new leader, which gave it a new position.  What must not happen is an
-        # acknowledged write that exists only in the dead tail.
-        acked = {}
-        for (k, ver), (v, _via) in acks.copy().items():
-            acked.setdefault((k, v), set()).add(ver)
-        lost = []
-        for k, v, seq in tail_items:
-            if (k, v) in acked:
-                kept = {x.versao for x in peer.history(k).versions if x.valor == v}
-                if not acked[(k, v)] <= kept:
-                    lost.append((k, v, seq, sorted(acked[(k, v)]), sorted(kept)))
-        assert not lost, (f"the old leader's log beyond position {common} was never replicated, "
-                          f"and holds acknowledged writes the cluster does not have: {lost[:5]}")
-        # the store it loaded == the peers' store at the common position + its own tail items
+        top = max((seq for vs in iso_hist.values() for (_n, _v, seq) in vs), default=0)
         peer_hist = {}
         for k in set(list_keys(peer, p)) | set(iso_keys):
-            vs = [(v.versao, v.valor, v.seq) for v in peer.history(k).versions if v.seq <= common]
+            vs = [(v.versao, v.valor, v.seq) for v in peer.history(k).versions if v.seq <= top]
             if vs:
                 peer_hist[k] = vs
-        iso_common = {k: [x for x in vs if x[2] <= common] for k, vs in iso_hist.items()}
-        iso_common = {k: vs for k, vs in iso_common.items() if vs}
-        assert iso_common == peer_hist, (
-            f"state loaded from disk differs from the peers' state at position {common}: "
-            + str(next(((k, iso_common.get(k), peer_hist.get(k))
-                        for k in sorted(set(iso_common) | set(peer_hist))
-                        if iso_common.get(k) != peer_hist.get(k)), None))[:600])
-        iso_tail = sorted((k, v, seq) for k, vs in iso_hist.items() for (_n, v, seq) in vs if seq > common)
-        assert iso_tail == sorted(t for t in tail_items if t[0] is not None), \
-            "the loaded state beyond the common position is not exactly the batches on disk"
+        iso_mine = {k: vs for k, vs in iso_hist.items() if k.startswith(p)}
+        peer_mine = {k: vs for k, vs in peer_hist.items() if k.startswith(p)}
+        assert iso_mine == peer_mine, (
+            f"state loaded from disk is not the cluster's state up to change {top}: "
+            + str(next(((k, iso_mine.get(k), peer_mine.get(k))
+                        for k in sorted(set(iso_mine) | set(peer_mine))
+                        if iso_mine.get(k) != peer_mine.get(k)), None))[:600])
         lost = [(k, ver) for (k, ver), (v, via) in acks.copy().items()
                 if via == victim.address and (ver, v) not in {(a, b) for a, b, _ in iso_hist.get(k, [])}]
         assert not lost, (f"{len(lost)} writes the leader acknowledged are not in its data dir "
                           f"(fsync before the answer?): {lost[:5]}")
         batch_keys = {k for k in iso_hist if k.startswith(p + "batch-")}
         print(f"\n[durability] test 2: leader killed after {stream_acked} of {n_batch} stream replies; "
-              f"recovered position {P} ({len(disk)} batches), common with peers up to {common}, "
-              f"{len(tail_items)} unreplicated items; {len(batch_keys)} batch keys on disk")
+              f"recovered position {P}, log on disk to {disk_last}; {len(batch_keys)} batch keys loaded")
 
         t = restart_and_time(victim)
         figure("restart_to_ready_s (kill -9 leader mid-batch)", t)
@@ -625,7 +591,11 @@ def test_corrupt_log_tail_is_cut_with_warning_and_repaired(cluster, damage):
         seg = newest_segment(victim.data_dir)
         recs = wal_records(seg)
         assert len(recs) >= 2, f"{seg} holds {len(recs)} records; need >= 2"
-        off, ln, first, last = recs[-1]
+        off, ln, kind, first, last = recs[-1]
+        # With Raft's replace-from-here rule the log ends where the last entries record ends.
+        kept = [r for sg in sorted(victim.data_dir.glob("log-*.wal"))
+                for r in wal_records(sg)][:-1]
+        expected_last = next((r[4] for r in reversed(kept) if r[2] == "E"), 0)
         end = off + WAL_HDR.size + ln
         size = seg.stat().st_size
         assert end == size, f"{seg}: records end at {end}, file has {size} bytes"
@@ -645,9 +615,9 @@ def test_corrupt_log_tail_is_cut_with_warning_and_repaired(cluster, damage):
         assert warn, f"no torn-tail warning in {victim.log_path}:\n{text[:3000]}"
         assert int(warn.group(1)) == off and warn.group(2) == seg.name, warn.group(0)
         rec = re.search(r"recovered position (\d+)", text)
-        assert rec and int(rec.group(1)) == first - 1, (
-            f"expected the state up to position {first - 1} (the damaged record {first}..{last} "
-            f"cut off), log says: {rec.group(0) if rec else text[:2000]}")
+        assert rec and int(rec.group(1)) == expected_last, (
+            f"expected the log up to position {expected_last} (the damaged {kind} record "
+            f"{first}..{last} cut off), log says: {rec.group(0) if rec else text[:2000]}")
         quarantined = list((victim.data_dir / "quarantine").glob("*"))
         assert not quarantined, f"a torn tail is cut off, not quarantined: {quarantined}"
         load.add(victim.address, "again-", n=1)

@@ -25,6 +25,8 @@ import pytest
 
 from conftest import (assert_replicas_identical, kvs_pb2, replica_state, statuses, stub,
                       trailing, wait_in_step, wait_until)
+from server import codec
+from server.raft.types import CONF, NORMAL, Entry, Message, MsgType
 
 pytestmark = pytest.mark.integration
 
@@ -426,6 +428,9 @@ def test_concurrent_inserts_same_keys_from_three_servers(stubs3):
 # ---------------------------------------------------------------------------
 # garbage on the broker
 # ---------------------------------------------------------------------------
+BASE = "kvs/kvs"
+
+
 def _publish_all(broker_port: int, messages: list[tuple[str, bytes, int, bool]]) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"garbage-{uid()}")
     client.max_inflight_messages_set(20)
@@ -454,7 +459,13 @@ def _strip(state: dict, prefix: str) -> dict:
     }
 
 
-def _check_unharmed(cluster3, stubs3, before: dict, u: str, marker: str):
+def _cluster_view(st) -> tuple:
+    """What garbage must not change: term, leader, cluster id, membership."""
+    return (st.term, st.epoch, st.leader, st.cluster_id,
+            sorted((m.node_id, m.role) for m in st.members))
+
+
+def _check_unharmed(cluster3, stubs3, before: dict, view: tuple, u: str, marker: str):
     for srv in cluster3.servers:
         assert srv.alive(), f"server {srv.address} died (exit {srv.returncode}):\n{srv.log_tail()}"
     # fresh writes through every server still replicate, and everybody gets back in step.
@@ -474,96 +485,228 @@ def _check_unharmed(cluster3, stubs3, before: dict, u: str, marker: str):
     if failures:
         print(f"writes refused while the garbage was digested: {failures}")
     sts = wait_in_step(stubs3, timeout=60, what="in step after garbage")
-    assert all(st.applied_seq < 2**40 for st in sts), [st.applied_seq for st in sts]
+    assert all(st.applied_index < 2**40 and st.commit_index < 2**40 for st in sts), \
+        [(st.applied_index, st.commit_index) for st in sts]
+    views = [_cluster_view(st) for st in sts]
+    assert views == [view] * len(sts), f"term/leader/membership changed: {view} -> {views}"
     after = assert_replicas_identical(stubs3)
     assert _strip(after, marker) == _strip(before, marker), "garbage changed the replicated state"
     for s in stubs3:
         assert s.consulta(f"evil-{u}") == (f"evil-{u}", "", 0)
 
 
+def _evil_data(u: str, leader: str, n: int = 1, value: str = "evil-value") -> dict:
+    """A NORMAL entry's data: ``n`` puts of the key evil-<u>."""
+    return {"ts": time.time(), "items": [
+        {"op": "put", "id": f"evil-{u}-{i}", "k": f"evil-{u}", "v": value, "node": leader}
+        for i in range(n)]}
+
+
+def _raft_garbage(cid: str, leader: str, to: str, term: int, commit: int, u: str) -> list[bytes]:
+    """Raft-shaped documents to ``to`` that are each malformed in one way (wrong
+    types, negative / beyond-int64 numbers, unknown types / kinds / ops, NaN,
+    extra fields inside entry data), though claiming the real cluster and leader."""
+    put = {"op": "put", "id": f"evil-{u}", "k": f"evil-{u}", "v": "evil-value", "node": leader}
+
+    def doc(**kw) -> bytes:
+        return json.dumps({"t": "raft", "cid": cid, "type": "app", "frm": leader, "to": to,
+                           "term": term, "log_term": term, "index": commit,
+                           "commit": commit + 1, **kw}).encode()
+
+    def entry(*e) -> bytes:
+        return doc(entries=[list(e)])
+
+    ok = {"ts": 1.0, "items": [put]}
+    return [
+        b'{"t": "raft"}', json.dumps({"t": "raft", "cid": cid}).encode(),
+        doc(type="app2"), doc(type=5), doc(type=None), doc(type="APP"),
+        doc(frm=""), doc(frm=5), doc(to=None), doc(cid=5), doc(cid=None),
+        doc(term=-1), doc(term=2**63), doc(term=2**64 + 1), doc(term="1"), doc(term=1.5),
+        doc(term=True), doc(index=-5), doc(commit=2**70), doc(log_term=[]), doc(hint=-1),
+        doc(reject="yes"), doc(ctx=7), doc(entries="no"), doc(entries={"0": ok}),
+        entry(term, commit + 1, "weird", None), entry(term, commit + 1, "normal"),
+        entry(-1, commit + 1, "normal", ok), entry(term, 2**64, "normal", ok),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": []}),
+        entry(term, commit + 1, "normal", {"ts": -1.0, "items": [put]}),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": [dict(put, op="drop_all")]}),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": [dict(put, extra=1)]}),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": [{"op": "put", "id": 1, "k": 5,
+                                                                 "v": None, "node": leader}]}),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": [
+            {"op": "del", "id": "x", "k": "kkk", "ver": 2**40, "node": leader}]}),
+        entry(term, commit + 1, "normal", {"ts": 1.0, "items": [put], "extra": True}),
+        entry(term, commit + 1, "conf", {"op": "make_leader", "node": f"intruder-{u}", "addr": ""}),
+        entry(term, commit + 1, "conf", {"op": "add_learner", "node": f"intruder-{u}"}),
+        entry(term, commit + 1, "conf", {"op": "bootstrap", "voters": []}),
+        entry(term, commit + 1, "noop", {}),
+        doc(type="prop", entries=[[0, 0, "normal", {"ts": "now", "items": [put]}]]),
+        doc(type="hb", commit=-1), doc(type="vote", term=2**63, index=2**64),
+        # NaN is not JSON; invalid UTF-8 inside a string; an int beyond Python's digit limit
+        doc(entries=[[term, commit + 1, "normal", ok]])
+        .replace(b'"ts":1.0', b'"ts":NaN').replace(b'"ts": 1.0', b'"ts": NaN'),
+        doc().replace(b'"frm": "', b'"frm": "\xff\xfe'),
+        doc().replace(f'"term": {term},'.encode(), b'"term": ' + b"9" * 5000 + b","),
+        b'{"t": "raft", "cid": "' + cid.encode() + b'", "entries": ' + b"[" * 50000
+        + b"]" * 50000 + b"}",
+    ]
+
+
 def test_garbage_on_broker_topics_changes_nothing(cluster3, stubs3):
+    """Malformed documents on every topic the servers use (Raft messages to each
+    server, join requests, presence, the watchdog pings), on the old topics and on
+    random ones: nothing changes, and writes through every server still work.
+
+    Plain mode (no cluster secret): a well-formed message that claims to come
+    from a member is unauthenticated and can disturb the cluster (that is what
+    the cluster secret is for, see test_security.py), so every document here
+    that claims a member is malformed, and the well-formed ones come from an
+    intruder, another cluster or a node id that is no member."""
     u = uid()
     sts = wait_in_step(stubs3)
     before = assert_replicas_identical(stubs3)
     nodes = [st.node_id for st in sts]
-    epoch, leader, applied = sts[0].epoch, sts[0].leader, sts[0].applied_seq
-    base = "kvs/kvs"
-    topics = [f"{base}/propose", f"{base}/log", f"{base}/hb", *(f"{base}/nodes/{n}" for n in nodes),
-              f"{base}/nodes/intruder-{u}", f"{base}/garbage/{u}/x", f"{base}/log/extra", base, f"{base}/"]
+    cid, term, leader, commit = sts[0].cluster_id, sts[0].term, sts[0].leader, sts[0].commit_index
+    view = _cluster_view(sts[0])
+    assert cid and leader and term >= 1
+    intruder = f"intruder-{u}"
     evil_put = {"id": f"evil-{u}", "op": "put", "k": f"evil-{u}", "v": "evil-value", "node": leader}
-    docs = [
-        b"", b"\x00\xff\xfe\xfd garbage", b"not json at all", b"{", b"[]", b"null", b"42", b'"str"', b"{}",
-        b'{"t": "batch", "leader": "\xff\xfe"}',              # invalid UTF-8 inside JSON
+    common = [
+        b"", b"\x00\xff\xfe\xfd garbage", b"not json at all", b"{", b"[]", b"null", b"42", b'"str"',
+        b"{}", b'{"t": "raft", "frm": "\xff\xfe"}',          # invalid UTF-8 inside JSON
         b"[" * 50000 + b"]" * 50000,                          # deeply nested (RecursionError bait)
-        b'{"t": "batch", "epoch": ' + b"9" * 5000 + b"}",       # int beyond Python's digit limit
-        json.dumps({"t": "batch"}).encode(),
-        json.dumps({"t": "batch", "epoch": "1", "leader": 1, "first": "x", "prev": None,
-                    "ts": "now", "items": "no"}).encode(),
-        json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": applied + 1,
-                    "prev": "0" * 32, "ts": 1.0, "items": []}).encode(),
-        json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": applied + 1,
-                    "prev": "0" * 32, "ts": 1.0, "items": [{"op": "put"}, 7, None]}).encode(),
-        json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": applied + 1,
-                    "prev": "0" * 32, "ts": 1.0, "items": [dict(evil_put, op="drop_all")]}).encode(),
-        json.dumps({"t": "batch", "epoch": -1, "leader": leader, "first": -5, "prev": "0" * 32,
-                    "ts": 1.0, "items": [evil_put]}).encode(),
-        json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": 2**64 + 1,
-                    "prev": "0" * 32, "ts": 1.0, "items": [evil_put]}).encode(),
-        json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": 1.5,
-                    "prev": "0" * 32, "ts": 1.0, "items": [evil_put]}).encode(),
-        b'{"t": "batch", "epoch": 1, "leader": "x", "first": 1, "prev": "0", "ts": NaN, "items": [1]}',
-        json.dumps({"t": "hb", "epoch": "x", "leader": [], "last": -1, "hash": 5}).encode(),
-        json.dumps({"t": "hb", "epoch": epoch, "leader": leader, "last": 2**64 + 7, "hash": "0"}).encode(),
-        json.dumps({"t": "propose", "node": nodes[0], "items": [{"id": 1, "op": "put", "k": 5,
-                                                               "v": None, "node": nodes[0]}]}).encode(),
-        json.dumps({"t": "propose", "node": nodes[0], "items": [dict(evil_put, node=nodes[1])]}).encode(),
-        json.dumps({"t": "propose", "node": nodes[0], "items": []}).encode(),
-        json.dumps({"t": "propose", "node": nodes[0],
-                    "items": [{"id": "x", "op": "del", "k": "kkk", "ver": 2**40, "node": nodes[0]}]}).encode(),
-        json.dumps({"t": "node", "node": "", "online": "yes", "epoch": -1, "applied": "x"}).encode(),
-        json.dumps({"t": "node", "node": nodes[1], "addr": 5, "online": True, "epoch": 1,
-                    "applied": -1}).encode(),
         json.dumps({"t": "unknown-type", "payload": list(range(100))}).encode(),
         json.dumps({"node": nodes[0], "items": [evil_put]}).encode(),   # no type field
+        # documents of the replaced protocol
+        json.dumps({"t": "batch", "epoch": term, "leader": leader, "first": commit + 1,
+                    "prev": "0" * 32, "ts": 1.0, "items": [evil_put]}).encode(),
+        json.dumps({"t": "propose", "node": nodes[0], "items": [evil_put]}).encode(),
+        json.dumps({"t": "hb", "epoch": term, "leader": leader, "last": 2**64 + 7,
+                    "hash": "0"}).encode(),
     ]
+    join_ok = {"t": "join", "node": intruder, "addr": "127.0.0.1:1", "boot": "b00t", "cid": cid,
+               "ts": 1.0}
+    joins = [json.dumps(j).encode() for j in (
+        {"t": "join"}, dict(join_ok, node=""), dict(join_ok, cid=5), dict(join_ok, ts=-1.0),
+        dict(join_ok, ts="now"), dict(join_ok, addr=None), dict(join_ok, boot=[]),
+        dict(join_ok, t="node"), {k: v for k, v in join_ok.items() if k != "cid"},
+        dict(join_ok, cid="another-cluster"),      # well-formed, for another cluster
+    )] + [json.dumps(join_ok).encode().replace(b'"ts": 1.0', b'"ts": NaN')]
+    node_ok = {"t": "node", "node": nodes[1], "addr": "127.0.0.1:1", "online": False,
+               "boot": "b00t", "cid": cid, "term": term + 5, "applied": commit, "role": "leader"}
+    presences = [json.dumps(p).encode() for p in (
+        {"t": "node"}, dict(node_ok, node=""), dict(node_ok, online="yes"), dict(node_ok, term=-1),
+        dict(node_ok, applied="x"), dict(node_ok, addr=5), dict(node_ok, term=2**64),
+        dict(node_ok, t="join"), dict(node_ok, node=intruder, online=True),  # not its own topic
+    )]
+    messages = []
+    for n in nodes:
+        for d in common + _raft_garbage(cid, leader, n, term, commit, u):
+            messages += [(f"{BASE}/raft/{n}", d, qos, False) for qos in (0, 1)]
+        for d in common + presences:
+            messages += [(f"{BASE}/nodes/{n}", d, qos, False) for qos in (0, 1)]
+        messages += [(f"{BASE}/ping/{n}", d, 1, False) for d in common]
+    others = [f"{BASE}/raft/{intruder}", f"{BASE}/raft", f"{BASE}/raft/", f"{BASE}/nodes/{intruder}",
+              f"{BASE}/propose", f"{BASE}/log", f"{BASE}/hb", f"{BASE}/garbage/{u}/x",
+              f"{BASE}/join/extra", BASE, f"{BASE}/"]
+    messages += [(t, d, qos, False) for t in [f"{BASE}/join"] + others
+                 for d in common + joins + _raft_garbage(cid, leader, nodes[0], term, commit, u)
+                 for qos in (0, 1)]
     two_mb_binary = bytes(range(256)) * (2 * 1024 * 1024 // 256)
-    two_mb_json = json.dumps({"t": "batch", "epoch": epoch, "leader": leader, "first": "huge",
-                              "prev": "0" * 32, "ts": 1.0,
-                              "items": [dict(evil_put, v="x" * 1000)] * 2000}).encode()
+    two_mb_json = json.dumps({"t": "raft", "cid": cid, "type": "app", "frm": leader, "to": nodes[0],
+                              "term": "huge", "index": commit, "log_term": term,
+                              "commit": commit + 2000, "entries": [
+                                  [term, commit + 1 + i, "normal", _evil_data(u, leader, 1, "x" * 1000)]
+                                  for i in range(2000)]}).encode()
     assert len(two_mb_binary) >= 2 * 1024 * 1024 and len(two_mb_json) >= 2 * 1000 * 1000
-    messages = [(t, d, qos, False) for t in topics for d in docs for qos in (0, 1)]
-    messages += [(t, two_mb_binary, 1, False) for t in topics[:4] + [f"{base}/garbage/{u}/x"]]
-    messages += [(t, two_mb_json, 1, False) for t in (f"{base}/log", f"{base}/propose")]
-    retained = [f"{base}/garbage/{u}/retained", f"{base}/nodes/intruder-{u}"]
+    big_topics = [f"{BASE}/raft/{n}" for n in nodes] + [f"{BASE}/join", f"{BASE}/nodes/{nodes[0]}",
+                                                        f"{BASE}/ping/{nodes[0]}", f"{BASE}/log"]
+    messages += [(t, d, 1, False) for t in big_topics for d in (two_mb_binary, two_mb_json)]
+    retained = [f"{BASE}/garbage/{u}/retained", f"{BASE}/nodes/{intruder}"]
     messages += [(t, d, 1, True) for t in retained for d in (b"\xff retained garbage", b"{}")]
+    # a well-formed presence of a stranger: no member, but it stays on the broker
+    messages += [(f"{BASE}/nodes/{intruder}",
+                  json.dumps(dict(node_ok, node=intruder, online=True)).encode(), 1, True)]
     try:
         _publish_all(cluster3.broker.port, messages)
-        _check_unharmed(cluster3, stubs3, before, u, marker=f"after-garbage-{u}")
+        _check_unharmed(cluster3, stubs3, before, view, u, marker=f"after-garbage-{u}")
     finally:
         _publish_all(cluster3.broker.port, [(t, b"", 1, True) for t in retained])   # clear retained
 
 
 def test_forged_log_batches_with_absurd_positions_change_nothing(cluster3, stubs3):
-    """Well-formed batches and heartbeats from a stranger claiming absurd log positions."""
+    """Well-formed Raft messages from an intruder (a node id that is no member)
+    with absurd terms and indexes (2**62, 2**63-1), and with plausible ones (an
+    APP at the current term that fits every follower's log exactly, a proposal,
+    a membership change): nothing changes, the term stays the same.  Plus the
+    same absurd numbers beyond int64, which the codec must refuse.
+
+    Plain mode: only intruder ids, see the garbage test above."""
     u = uid()
     sts = wait_in_step(stubs3)
     before = assert_replicas_identical(stubs3)
-    epoch, leader, applied = sts[0].epoch, sts[0].leader, sts[0].applied_seq
-    evil = [{"id": f"evil-{u}-{i}", "op": "put", "k": f"evil-{u}", "v": "evil-value", "node": leader}
-            for i in range(3)]
+    nodes = [st.node_id for st in sts]
+    cid, term, leader, commit = sts[0].cluster_id, sts[0].term, sts[0].leader, sts[0].commit_index
+    view = _cluster_view(sts[0])
+    intruder = f"intruder-{u}"
+    big = 2**62
+    top = 2**63 - 1
 
-    def batch(first, ep=epoch, ldr=leader, prev="0" * 32):
-        return json.dumps({"t": "batch", "epoch": ep, "leader": ldr, "first": first, "prev": prev,
-                           "ts": time.time(), "items": evil}).encode()
+    def evil(t: int, i: int, n: int = 1, value: str = "evil-value") -> Entry:
+        return Entry(t, i, NORMAL, _evil_data(u, leader, n, value))
 
-    docs = [batch(2**62), batch(2**63), batch(applied + 1_000_000), batch(2**63 - 1),
-            batch(2**62, ep=2**62, ldr=f"intruder-{u}"), batch(2**63, ep=epoch + 10**9),
-            json.dumps({"t": "hb", "epoch": epoch, "leader": leader, "last": 2**62, "hash": "f" * 32}).encode(),
-            json.dumps({"t": "hb", "epoch": 2**62, "leader": f"intruder-{u}", "last": 2**63,
-                        "hash": "f" * 32}).encode()]
-    messages = [(t, d, 1, False) for t in ("kvs/kvs/log", "kvs/kvs/hb", "kvs/kvs/propose") for d in docs]
+    def forged(to: str) -> list[Message]:
+        def m(kind: MsgType, **kw) -> Message:
+            return Message(kind, intruder, to, **kw)
+        conf = Entry(term, commit + 1, CONF, {"op": "add_learner", "node": intruder,
+                                               "addr": "127.0.0.1:1"})
+        return [
+            m(MsgType.APP, term=big, index=big, log_term=big, commit=top, entries=(evil(big, big + 1),)),
+            m(MsgType.APP, term=top, index=commit, log_term=term, commit=top,
+              entries=(evil(top, commit + 1),)),
+            # the current term, and exactly where every follower's log ends
+            m(MsgType.APP, term=term, index=commit, log_term=term, commit=commit + 1,
+              entries=(evil(term, commit + 1),)),
+            m(MsgType.APP, term=term, index=top - 1, log_term=term, commit=top,
+              entries=(evil(term, top),)),
+            m(MsgType.APP, term=term, index=commit, log_term=term, commit=commit + 1, entries=(conf,)),
+            m(MsgType.HB, term=term, commit=top), m(MsgType.HB, term=big, commit=big),
+            m(MsgType.VOTE, term=big, index=top, log_term=top),
+            m(MsgType.VOTE, term=term + 1, index=commit, log_term=term),
+            m(MsgType.PREVOTE, term=top, index=top, log_term=top),
+            m(MsgType.SNAP, term=term, index=big, log_term=term),
+            m(MsgType.SNAP, term=top, index=top, log_term=top),
+            m(MsgType.APP_RESP, term=term, index=big), m(MsgType.APP_RESP, term=top, index=top,
+                                                            reject=True, hint=top),
+            m(MsgType.HB_RESP, term=term, ctx="x"), m(MsgType.VOTE_RESP, term=term + 1),
+            m(MsgType.PREVOTE_RESP, term=big),
+            m(MsgType.PROP, entries=(evil(0, 0, 3),)), m(MsgType.PROP, entries=(conf,)),
+            m(MsgType.READ, ctx=f"read-{u}"), m(MsgType.READ_RESP, index=top, ctx=f"read-{u}"),
+        ]
+
+    def beyond_int64(to: str) -> list[bytes]:
+        base = {"t": "raft", "cid": cid, "type": "app", "frm": intruder, "to": to}
+        return [json.dumps(dict(base, **kw)).encode() for kw in (
+            {"term": 2**63, "index": commit, "log_term": term},
+            {"term": term, "index": 2**63, "commit": 2**64},
+            {"type": "vote", "term": 2**64, "index": 2**64, "log_term": 2**64},
+            {"type": "hb", "term": term, "commit": 2**63},
+        )]
+
+    messages = []
+    for n in nodes:
+        docs = [codec.encode_raft(cid, m) for m in forged(n)] + beyond_int64(n)
+        # two megabytes of well-formed entries that fit the followers' logs
+        docs.append(codec.encode_raft(cid, Message(
+            MsgType.APP, intruder, n, term=term, index=commit, log_term=term,
+            commit=commit + 2000, entries=tuple(evil(term, commit + 1 + i, 1, "x" * 1000)
+                                                for i in range(2000)))))
+        messages += [(f"{BASE}/raft/{n}", d, 1, False) for d in docs]
+    for m in forged(nodes[0]):   # a well-formed message: only membership can stop it
+        assert codec.decode_raft(codec.encode_raft(cid, m))[1].frm == intruder
+    old = [f"{BASE}/log", f"{BASE}/hb", f"{BASE}/propose"]
+    messages += [(t, codec.encode_raft(cid, m), 1, False) for t in old for m in forged(nodes[0])]
     _publish_all(cluster3.broker.port, messages)
-    _check_unharmed(cluster3, stubs3, before, u, marker=f"after-forged-{u}")
+    _check_unharmed(cluster3, stubs3, before, view, u, marker=f"after-forged-{u}")
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,10 @@ cluster secret (HMAC of every broker message).  A further test drives
 ``python -m kvs_cluster up/status/down`` (secure by default, and --insecure).
 
 Synchronisation is poll-with-deadline only.  "Quiet and identical" means: every
-server in-step at the same position with the same chain hash and the same leader,
-and byte-identical Snapshots.
+server in-step with the same applied and commit index, leader, term and cluster
+id, and byte-identical Snapshots.  Forged broker traffic is built with the
+servers' own codec (well-formed Raft messages, presence and join documents):
+only the HMAC may stop it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -42,6 +45,7 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from server import codec  # noqa: E402
+from server.raft.types import NORMAL, Entry, Message, MsgType  # noqa: E402
 from server.transport import MAC_PROPERTY, message_mac  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -50,7 +54,10 @@ MAX_MESSAGE = 1024 * 1024          # --max-message for the secured cluster
 MAX_KEY = 256                      # --max-key-len
 MAX_VALUE = 300_000                # --max-value-len
 CLUSTER = "kvs"
-T_LOG, T_PROPOSE, T_NODES = f"kvs/{CLUSTER}/log", f"kvs/{CLUSTER}/propose", f"kvs/{CLUSTER}/nodes"
+BASE = f"kvs/{CLUSTER}"
+T_RAFT, T_NODES, T_JOIN = f"{BASE}/raft", f"{BASE}/nodes", f"{BASE}/join"
+T_MARKER = f"{BASE}/test-marker"   # no server subscribes to it
+ROGUE = "a-rogue"                  # a node id that is no member
 GUEST_PASSWORD = "guest-" + uuid.uuid4().hex   # a broker account the ACL gives nothing
 WRONG_TOKEN = "wrong-" + uuid.uuid4().hex
 OPTS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -90,18 +97,21 @@ class Secure:
                                     timeout=RPC_TIMEOUT)
 
     def quiet(self, timeout: float = 30.0):
-        """Wait until every server is in step at the same position/hash/leader with
-        identical snapshots; return (status of server 0, the snapshot)."""
+        """Wait until every server is in step at the same applied/commit index,
+        leader, term and cluster with identical snapshots; return (status of
+        server 0, the snapshot)."""
         n = len(self.c.servers)
 
         def same():
             for s in self.c.servers:
                 assert s.alive(), f"server {s.address} died:\n{s.log_tail()}"
             sts = [self.status(i) for i in range(n)]
-            key = {(st.applied_seq, st.log_hash, st.leader, st.epoch, st.state) for st in sts}
+            assert all(st.epoch == st.term for st in sts), [(st.epoch, st.term) for st in sts]
+            key = {(st.applied_index, st.commit_index, st.leader, st.term, st.state, st.cluster_id)
+                   for st in sts}
             if len(key) != 1 or sts[0].state != "in-step" or not sts[0].leader:
                 return False
-            if sts[0].leader_seq and sts[0].leader_seq != sts[0].applied_seq:
+            if sts[0].applied_index != sts[0].commit_index:
                 return False
             snaps = [self.snapshot(i) for i in range(n)]
             return (sts[0], snaps[0]) if all(s == snaps[0] for s in snaps) else False
@@ -211,7 +221,7 @@ class MqttProbe:
         """Publish a unique marker and wait until it comes back: the broker has routed
         everything this client published before it (it handles a client in order)."""
         marker = f"marker-{uuid.uuid4().hex}".encode()
-        self.publish(T_LOG, marker)
+        self.publish(T_MARKER, marker)
         wait_until(lambda: any(p == marker for _, p, _, _ in list(self.received)), timeout,
                    "our own marker back from the broker")
 
@@ -238,7 +248,35 @@ def kvs_server_password(secure: Secure) -> str:
 
 
 def hmac_drops(server) -> int:
-    return len(re.findall(r"without a valid HMAC", server.log_text()))
+    """Messages ``server`` dropped for a missing or wrong HMAC, as far as its log
+    tells: the transport logs the running total, at most once per 10 s."""
+    totals = re.findall(r"without a valid HMAC \((\d+) so far\)", server.log_text())
+    return max(map(int, totals), default=0)
+
+
+def wait_hmac_drops(secure: Secure, p: "MqttProbe", drops0: list[int],
+                    resend: list[tuple[str, bytes, str | None]], timeout: float = 40.0) -> None:
+    """Wait until every server logged more HMAC drops than ``drops0``.  Each poll
+    publishes the ``resend`` messages (topic, payload, mac) once more: the warning
+    is rate-limited, so a fresh drop is what makes a new total appear once the
+    period is over."""
+    def more():
+        for topic, payload, mac in resend:
+            p.publish(topic, payload, mac=mac)
+        return all(hmac_drops(s) > d for s, d in zip(secure.c.servers, drops0))
+
+    wait_until(more, timeout, "HMAC drops logged by every server")
+
+
+def raft_doc(cid: str, kind: str, frm: str, to: str, **fields) -> bytes:
+    """A well-formed Raft message, exactly as a server would publish it."""
+    return codec.encode_raft(cid, Message(MsgType(kind), frm, to, **fields))
+
+
+def put_entry(term: int, index: int, key: str, change_id: str, node: str) -> Entry:
+    """A NORMAL entry holding one put of ``key``."""
+    return Entry(term, index, NORMAL, {"ts": time.time(), "items": [
+        {"op": "put", "id": change_id, "k": key, "v": "pwned", "node": node}]})
 
 
 # ---------------------------------------------------------------------------
@@ -305,8 +343,13 @@ def _every_rpc(md):
             ("Status", lambda: ext.Status(kvs_pb2.StatusRequest(), metadata=md, timeout=5)),
             ("History", lambda: ext.History(kvs_pb2.HistoryRequest(chave="auth-key"), metadata=md,
                                             timeout=5)),
+            ("ListKeys", lambda: ext.ListKeys(kvs_pb2.ListKeysRequest(limit=10), metadata=md,
+                                              timeout=5)),
+            ("MemberList", lambda: ext.MemberList(kvs_pb2.MemberListRequest(), metadata=md,
+                                                  timeout=5)),
+            ("MemberRemove", lambda: ext.MemberRemove(kvs_pb2.MemberRemoveRequest(node_id=ROGUE),
+                                                      metadata=md, timeout=5)),
             ("FetchState", lambda: list(rep.FetchState(kvs_pb2.StateRequest(), metadata=md, timeout=5))),
-            ("FetchLog", lambda: list(rep.FetchLog(kvs_pb2.LogRange(from_seq=1), metadata=md, timeout=5))),
         ]
     return calls
 
@@ -389,35 +432,75 @@ def test_broker_refuses_anonymous_and_unauthorised_clients(secure: Secure):
     guest = MqttProbe(secure.c.broker.port, secure.sec.tls_ca, "guest", GUEST_PASSWORD)
     try:
         assert not guest.wait_connack().is_failure
-        mid = guest.publish(T_PROPOSE, b'{"t":"propose"}')
+        leader = secure.status(0).leader
+        mid = guest.publish(f"{T_RAFT}/{leader}", b'{"t":"raft"}')
         assert guest.wait_puback(mid) == 0x87  # Not authorized
         guest.client.subscribe(f"kvs/{CLUSTER}/#", qos=1)
         wait_until(lambda: guest.subacks, 10, "SUBACK")
         # Mosquitto may grant the subscription but filters delivery by the read ACL:
-        # the retained presence documents, batches and heartbeats never arrive.
+        # the retained presence documents and the Raft traffic never arrive.
         secure.settle()
         assert guest.subacks[-1][0] == 0x87 or not guest.received, guest.received[:3]
     finally:
         guest.close()
 
 
+def _node_ids(secure: Secure) -> list[str]:
+    return [secure.status(i).node_id for i in range(len(secure.c.servers))]
+
+
 def test_forged_messages_without_the_cluster_secret_change_nothing(secure: Secure):
     """A rogue holding the servers' broker password (but not the cluster secret)
-    publishes well-formed batches, proposals, presence and heartbeats."""
+    publishes well-formed Raft messages (an APP from the real leader with a rogue
+    entry that would fit the followers' logs exactly, a rogue leader with a higher
+    term, votes and pre-votes with a huge term, proposals), presence and a join
+    request -- without a MAC, with a MAC made with a wrong secret, with a bogus MAC."""
     st0, before = secure.quiet()
     drops0 = [hmac_drops(s) for s in secure.c.servers]
-    leader, epoch, pos, h = st0.leader, st0.epoch, st0.applied_seq, st0.log_hash
-    item = {"id": "rogue:1:1", "op": "put", "k": "rogue-key", "v": "pwned", "node": leader}
-    now = time.time()
-    forged = [
-        (T_LOG, codec.batch_doc(epoch, leader, pos + 1, h, now, [item])),
-        (T_LOG, codec.batch_doc(epoch + 1, "a-rogue", pos + 1, h, now,
-                                [{"op": "epoch", "node": "a-rogue"}, dict(item, id="rogue:1:2")])),
-        (T_LOG, codec.heartbeat_doc(epoch + 7, "a-rogue", pos + 100, "f" * 32)),
-        (T_PROPOSE, codec.proposal_doc(leader, [dict(item, id="rogue:1:3")], now)),
-        (f"{T_NODES}/a-rogue", codec.presence_doc("a-rogue", "127.0.0.1:1", True, epoch + 9, pos + 100)),
-        (f"{T_NODES}/{leader}", codec.presence_doc(leader, "127.0.0.1:1", False, epoch, pos)),
+    cid, leader, term, commit = st0.cluster_id, st0.leader, st0.term, st0.commit_index
+    assert cid and st0.epoch == term
+    nodes = _node_ids(secure)
+    followers = [n for n in nodes if n != leader]
+    assert len(followers) == 2, (leader, nodes)
+    huge = 2**40
+
+    def rogue_entry(t: int, n: int, node: str = leader) -> Entry:
+        return put_entry(t, commit + 1, "rogue-key", f"rogue:1:{n}", node)
+
+    forged = []
+    for f in followers:
+        # Quiet, the log ends at (commit, term): this APP is what the leader would send.
+        forged += [
+            (f"{T_RAFT}/{f}", raft_doc(cid, "app", leader, f, term=term, index=commit,
+                                       log_term=term, entries=(rogue_entry(term, 1),),
+                                       commit=commit + 1)),
+            (f"{T_RAFT}/{f}", raft_doc(cid, "hb", leader, f, term=term, commit=commit + 1)),
+        ]
+    for n in nodes:
+        forged += [
+            (f"{T_RAFT}/{n}", raft_doc(cid, "app", ROGUE, n, term=term + 1, index=commit,
+                                       log_term=term, entries=(rogue_entry(term + 1, 2, ROGUE),),
+                                       commit=commit + 1)),
+            (f"{T_RAFT}/{n}", raft_doc(cid, "vote", ROGUE, n, term=huge, index=huge, log_term=huge)),
+            (f"{T_RAFT}/{n}", raft_doc(cid, "prevote", ROGUE, n, term=huge, index=huge,
+                                       log_term=huge)),
+            (f"{T_RAFT}/{n}", raft_doc(cid, "hb", ROGUE, n, term=term + 7, commit=commit + 100)),
+            (f"{T_RAFT}/{n}", raft_doc(cid, "snap", ROGUE, n, term=term + 1, index=commit + 100,
+                                       log_term=term + 1)),
+        ]
+    prop = Entry(0, 0, NORMAL, rogue_entry(term, 3).data)
+    forged += [
+        (f"{T_RAFT}/{leader}", raft_doc(cid, "prop", followers[0], leader, entries=(prop,))),
+        (f"{T_RAFT}/{leader}", raft_doc(cid, "prop", ROGUE, leader, entries=(prop,))),
+        (f"{T_NODES}/{ROGUE}", codec.presence_doc(ROGUE, "127.0.0.1:1", True, "b00t", cid,
+                                                  term + 9, commit + 100, "leader")),
+        (f"{T_NODES}/{leader}", codec.presence_doc(leader, "127.0.0.1:1", False, "b00t", cid,
+                                                   term, commit, "follower")),
+        (T_JOIN, codec.join_doc(ROGUE, "127.0.0.1:1", "b00t", cid, time.time())),
     ]
+    for _, payload in forged:   # the codec takes them: only the HMAC can stop them
+        if payload.startswith(b'{"t":"raft"'):
+            codec.decode_raft(payload)
     p = rogue(secure, "kvs-server", kvs_server_password(secure), subscribe=True)
     try:
         wrong_secret = b"not-the-cluster-secret"
@@ -425,47 +508,60 @@ def test_forged_messages_without_the_cluster_secret_change_nothing(secure: Secur
             for mac in (None, message_mac(wrong_secret, topic, payload), "00" * 32):
                 mid = p.publish(topic, payload, mac=mac, retain=topic.startswith(T_NODES))
                 assert p.wait_puback(mid) < 0x80  # the broker took it: only the HMAC stops it
-        # a validly signed log document replayed on another topic is refused as well
-        p.publish(T_PROPOSE, forged[0][1], mac=None)
         p.echo_barrier()
-        # every server noticed and dropped unsigned messages (log + presence topics)
-        wait_until(lambda: all(hmac_drops(s) > d for s, d in zip(secure.c.servers, drops0)),
-                   20, "HMAC drops logged by every server")
+        # every server noticed and dropped them (its raft topic, presence, join)
+        wait_hmac_drops(secure, p, drops0, [(T_JOIN, forged[-1][1], None)])
         st1, after = secure.settle()
     finally:
-        for topic in (f"{T_NODES}/a-rogue", f"{T_NODES}/{leader}"):
+        for topic in (f"{T_NODES}/{ROGUE}", f"{T_NODES}/{leader}"):
             p.publish(topic, b"", retain=True)  # clear our retained junk (dropped too)
         p.echo_barrier()
         p.close()
-    assert st1.leader == leader and st1.epoch == epoch
+    assert (st1.leader, st1.term, st1.epoch, st1.cluster_id) == (leader, term, term, cid)
     assert [t for t in after if not t[0].startswith("sentinel-")] == \
         [t for t in before if not t[0].startswith("sentinel-")]
     assert all(secure.get(i, "rogue-key").versao == 0 for i in range(3))
+    assert all(m.node_id != ROGUE for m in secure.status(0).members)
 
 
 def test_replayed_genuine_messages_change_nothing(secure: Secure):
     """A rogue with broker credentials records genuinely signed traffic (proposals,
-    batches, heartbeats, presence) and replays it verbatim, MAC included."""
+    appends, heartbeats, their answers, presence) and replays it verbatim, MAC
+    included -- on its own topic, and on another server's (where the MAC, bound
+    to the topic, does not match).  A replayed PROP may be appended again by the
+    leader; the applier applies a change id once, so the data stays the same."""
     p = rogue(secure, "kvs-server", kvs_server_password(secure), subscribe=True)
     try:
         key = f"replay-{uuid.uuid4().hex[:6]}"
-        # writes through a follower travel as proposals, so both kinds get recorded
+        # writes through a follower travel as proposals to the leader, so both get recorded
         follower = next(i for i in range(3) if secure.status(i).leader != secure.status(i).node_id)
         assert secure.put(follower, key, "one") == 1
         assert secure.put(follower, key, "two") == 2
         p.echo_barrier()
         st0, before = secure.quiet()
+        nodes = _node_ids(secure)
         recorded = [m for m in list(p.received) if m[3]]  # the signed ones
-        kinds = {json.loads(m[1]).get("t") for m in recorded}
-        assert {"propose", "batch"} <= kinds, kinds
+        kinds = {json.loads(m[1]).get("type") for m in recorded if m[0].startswith(T_RAFT + "/")}
+        assert {"prop", "app"} <= kinds, kinds
+        drops0 = [hmac_drops(s) for s in secure.c.servers]
+        wrong = []
         for topic, payload, _retain, props in recorded:
             mac = next(v for k, v in props if k == MAC_PROPERTY)
             p.publish(topic, payload, mac=mac)
+            if topic.startswith(T_RAFT + "/"):
+                for n in nodes:
+                    if topic != f"{T_RAFT}/{n}":
+                        wrong.append((f"{T_RAFT}/{n}", payload, mac))
+                        p.publish(*wrong[-1])
         p.echo_barrier()
+        # the ones on the wrong topic were dropped by their HMAC, at every server
+        by_topic = {t: (t, pl, m) for t, pl, m in wrong}
+        assert set(by_topic) == {f"{T_RAFT}/{n}" for n in nodes}
+        wait_hmac_drops(secure, p, drops0, list(by_topic.values()))
         st1, after = secure.settle()
     finally:
         p.close()
-    assert st1.leader == st0.leader and st1.epoch == st0.epoch
+    assert (st1.leader, st1.term, st1.epoch) == (st0.leader, st0.term, st0.term)
     assert [t for t in after if not t[0].startswith("sentinel-")] == \
         [t for t in before if not t[0].startswith("sentinel-")]
     assert all(secure.get(i, key).versao == 2 for i in range(3))
@@ -582,46 +678,105 @@ def _json_values():
                         st.dictionaries(st.text(_chars, max_size=8), c, max_size=4), max_leaves=12)
 
 
-# Field kinds of each broker document, and values of every *other* JSON type.
+# The broker documents: field kinds, and the fields a document must have.
 _DOCS = {
-    "batch": (T_LOG, {"epoch": "int", "leader": "str", "first": "int", "prev": "str", "ts": "num",
-                      "items": "items"}),
-    "hb": (T_LOG, {"epoch": "int", "leader": "str", "last": "int", "hash": "str"}),
-    "propose": (T_PROPOSE, {"node": "str", "ts": "num", "items": "items"}),
-    "node": (T_NODES, {"node": "str", "addr": "str", "online": "bool", "epoch": "int",
-                       "applied": "int"}),
+    "raft": ({"cid": "cid", "type": "type", "frm": "name", "to": "name", "term": "u64",
+              "log_term": "u64", "index": "u64", "commit": "u64", "reject": "bool", "hint": "u64",
+              "ctx": "str", "entries": "entries"},
+             {"cid", "type", "frm", "to"}),
+    "node": ({"node": "name", "addr": "str", "online": "bool", "boot": "str", "cid": "cid",
+              "term": "u64", "applied": "u64", "role": "str"},
+             {"node", "addr", "online"}),
+    "join": ({"node": "name", "addr": "str", "boot": "str", "cid": "cid", "ts": "time"},
+             {"node", "addr", "boot", "cid", "ts"}),
 }
-_RIGHT = {"int": st.integers(0, 2**64), "str": st.text(_chars, min_size=1, max_size=10),
-          "num": st.floats(allow_nan=False) | st.integers(), "bool": st.booleans(),
-          "items": st.lists(st.fixed_dictionaries(
-              {"id": st.text(min_size=1, max_size=5), "op": st.sampled_from(["put", "del", "epoch"]),
-               "k": st.text(max_size=5), "v": st.text(max_size=5), "node": st.text(max_size=5)}),
-              max_size=3)}
-_WRONG = {"int": st.one_of(st.text(max_size=5), st.floats(), st.none(), st.booleans(),
-                           st.lists(st.integers(), max_size=2)),
-          "str": st.one_of(st.integers(), st.none(), st.booleans(), st.lists(st.text(), max_size=2)),
-          "num": st.one_of(st.text(max_size=5), st.none(), st.lists(st.integers(), max_size=2)),
-          "bool": st.one_of(st.integers(), st.text(max_size=5), st.none()),
-          "items": st.one_of(st.text(max_size=5), st.integers(), st.none(),
-                             st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))}
+_DECODE = {"raft": codec.decode_raft, "node": codec.decode_presence, "join": codec.decode_join}
+_MSG_TYPES = sorted(t.value for t in MsgType)
+_u64 = st.integers(0, 1000) | st.integers(0, 2**63 - 1)
+_name = st.text(_chars, min_size=1, max_size=10)
+_change = st.one_of(
+    st.fixed_dictionaries({"op": st.just("put"), "id": _name, "k": _short_text, "v": _short_text,
+                           "node": _name}),
+    st.fixed_dictionaries({"op": st.just("del"), "id": _name, "k": _short_text,
+                           "ver": st.none() | st.integers(-2**31, 2**31 - 1), "node": _name}))
+_entry = st.one_of(
+    st.tuples(_u64, _u64, st.just("normal"), st.fixed_dictionaries(
+        {"ts": st.floats(0, 1e12), "items": st.lists(_change, min_size=1, max_size=3)})),
+    st.tuples(_u64, _u64, st.just("conf"), st.fixed_dictionaries(
+        {"op": st.sampled_from(["add_learner", "promote", "remove"]), "node": _name,
+         "addr": _short_text})),
+    st.tuples(_u64, _u64, st.just("noop"), st.none()),
+).map(list)
+_PUT = {"op": "put", "id": "x", "k": "kkk", "v": "vvv", "node": "n"}
+_BAD_ENTRIES = [
+    [-1, 1, "normal", {"ts": 1.0, "items": [_PUT]}], [2**64, 1, "noop", None],
+    [1, 1, "weird", None], [1, 2], [1, 1, "noop", {}], [1, 1, "normal", {"ts": 1.0, "items": []}],
+    [1, 1, "normal", {"ts": -1.0, "items": [_PUT]}],
+    [1, 1, "normal", {"ts": 1.0, "items": [dict(_PUT, op="drop_all")]}],
+    [1, 1, "normal", {"ts": 1.0, "items": [dict(_PUT, extra=1)]}],
+    [1, 1, "normal", {"ts": 1.0, "items": [{"op": "del", "id": "x", "k": "kkk", "ver": 2**40,
+                                            "node": "n"}]}],
+    [1, 1, "conf", {"op": "add_learner", "node": "x"}], [1, 1, "conf", {"op": "bootstrap",
+                                                                      "voters": []}],
+]
+_not_text = st.one_of(st.integers(), st.none(), st.booleans(), st.lists(st.text(max_size=3),
+                                                                         max_size=2))
+# values every decoder must refuse for a field of that kind
+_WRONG = {
+    "cid": _not_text, "str": _not_text, "name": st.just("") | _not_text,
+    "type": st.text(_chars, max_size=8).filter(lambda t: t not in _MSG_TYPES) | st.integers()
+    | st.none(),
+    "u64": st.one_of(st.integers(max_value=-1), st.integers(2**63, 2**70), st.floats(),
+                     st.text(max_size=5), st.none(), st.booleans()),
+    "bool": st.one_of(st.integers(), st.text(max_size=5), st.none()),
+    "time": st.one_of(st.floats(max_value=-1e-9), st.just(float("nan")), st.just(float("inf")),
+                      st.text(max_size=5), st.none(), st.booleans()),
+    "entries": st.one_of(st.text(max_size=5), st.integers(), st.none(),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                         st.lists(st.sampled_from(_BAD_ENTRIES), min_size=1, max_size=2)),
+}
+# (Mosquitto drops the connection of a client that uses control characters in
+# a topic name, so none here: the payloads are what is fuzzed)
+_topic_level = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF,
+                                     exclude_characters="+#/", exclude_categories=("Cc", "Cs")),
+                       min_size=1, max_size=8)
+
+
+def _right(kind: str, nodes: list[str], cid: str):
+    if kind == "cid":
+        return st.sampled_from([cid, cid, "", "another-cluster"])
+    if kind == "name":
+        return st.sampled_from(nodes + [ROGUE]) | _name
+    return {"type": st.sampled_from(_MSG_TYPES), "u64": _u64, "bool": st.booleans(),
+            "str": _short_text, "time": st.floats(0, 1e12),
+            "entries": st.lists(_entry, max_size=3)}[kind]
+
+
+def _refused(decode, payload: bytes) -> bool:
+    try:
+        decode(payload)
+    except codec.BadMessage:
+        return True
+    return False
 
 
 @st.composite
-def _broker_message(draw):
-    """(topic, payload, signed).  Unsigned: anything, including well-formed
-    documents.  Signed with the real secret: only documents that are malformed
-    (random bytes, random JSON, or a real shape with one field missing / of another
-    type), so the codec's strictness is what is fuzzed."""
+def _broker_message(draw, nodes: list[str], cid: str):
+    """(topic, payload, signed) on the servers' topics.  Unsigned: anything,
+    including well-formed Raft, presence and join documents of our cluster.
+    Signed with the real secret: only documents the codec must refuse (random
+    bytes, random JSON, or a real shape with a required field missing, a field
+    of another type or out of range, or another document's tag), so the codec's
+    strictness is what is fuzzed."""
     t = draw(st.sampled_from(sorted(_DOCS)))
-    topic, fields = _DOCS[t]
-    if topic == T_NODES:
-        # (Mosquitto drops the connection of a client that uses control characters in
-        # a topic name, so none here: the payloads are what is fuzzed)
-        topic += "/" + draw(st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF,
-                                                  exclude_characters="+#/",
-                                                  exclude_categories=("Cc", "Cs")),
-                                    min_size=1, max_size=8))
-    kind = draw(st.sampled_from(["bytes", "json", "shape"]))
+    fields, required = _DOCS[t]
+    if t == "raft":
+        topic = f"{T_RAFT}/" + draw(st.sampled_from(nodes) | _topic_level)
+    elif t == "node":
+        topic = f"{T_NODES}/" + draw(st.sampled_from(nodes + [ROGUE]) | _topic_level)
+    else:
+        topic = T_JOIN
+    kind = draw(st.sampled_from(["bytes", "json", "shape", "shape"]))
     signed = draw(st.booleans())
     if kind == "bytes":
         payload = draw(st.binary(max_size=300))
@@ -630,33 +785,40 @@ def _broker_message(draw):
     else:
         doc = {"t": t}
         for name, k in fields.items():
-            doc[name] = draw(_RIGHT[k])
+            if name in required or draw(st.booleans()):
+                doc[name] = draw(_right(k, nodes, cid))
         if signed:
-            victim = draw(st.sampled_from(sorted(fields)))
-            if draw(st.booleans()):
+            victim = draw(st.sampled_from(sorted(fields) + ["t"]))
+            if victim == "t":
+                doc["t"] = draw(st.sampled_from([x for x in _DOCS if x != t]
+                                                + ["batch", "propose", "", None]))
+            elif victim in required and draw(st.booleans()):
                 del doc[victim]
             else:
                 doc[victim] = draw(_WRONG[fields[victim]])
         payload = json.dumps(doc).encode()
+    if signed:
+        assert _refused(_DECODE[t], payload), f"the fuzzer would sign a valid {t}: {payload[:300]!r}"
     return topic, payload, signed
 
 
 def test_fuzz_mqtt_topics(secure: Secure):
     st0, before = secure.quiet()
+    nodes = _node_ids(secure)
     secret = read_first_line(secure.sec.cluster_secret_file).encode()
     p = rogue(secure, "kvs-server", kvs_server_password(secure), subscribe=True)
     started = time.monotonic()
     sent = []
     try:
-        @settings(max_examples=200, deadline=None, database=None,
+        @settings(max_examples=300, deadline=None, database=None,
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(msg=_broker_message())
+        @given(msg=_broker_message(nodes, st0.cluster_id))
         def run(msg):
             if time.monotonic() - started > 25:
                 return
             topic, payload, signed = msg
             p.publish(topic, payload, mac=message_mac(secret, topic, payload) if signed else None)
-            sent.append(signed)
+            sent.append((topic.rsplit("/", 1)[0] if topic != T_JOIN else topic, signed))
 
         run()
         p.echo_barrier(30)
@@ -665,8 +827,10 @@ def test_fuzz_mqtt_topics(secure: Secure):
         st1, after = secure.settle(40)
     finally:
         p.close()
-    assert sum(sent) > 10 and len(sent) - sum(sent) > 10
-    assert st1.leader == st0.leader and st1.epoch == st0.epoch
+    counts = Counter(sent)
+    for where in (T_RAFT, T_NODES, T_JOIN):   # every topic got both kinds
+        assert counts[(where, True)] >= 5 and counts[(where, False)] >= 5, counts
+    assert (st1.leader, st1.term, st1.epoch) == (st0.leader, st0.term, st0.term)
     assert [t for t in after if not t[0].startswith("sentinel-")] == \
         [t for t in before if not t[0].startswith("sentinel-")]
 

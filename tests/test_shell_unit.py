@@ -458,3 +458,511 @@ def test_client_sh_flags_both_styles(argv, keys, values, versions):
 def test_client_sh_bad_flags(argv):
     with pytest.raises(FlagError):
         parse_flags(argv)
+
+
+# ---------------------------------------------------------------------------
+# Raft: members, consistency, no quorum (fake client / fake stubs)
+# ---------------------------------------------------------------------------
+from kvs_shell.client import Member, MemberList, MemberRemoval, NodeStatus  # noqa: E402
+from kvs_proto import kvs_pb2  # noqa: E402
+
+MEMBERS = [Member("node-9000", "127.0.0.1:9000", "voter", True, 41, True),
+           Member("node-9001", "127.0.0.1:9001", "voter", True, 40),
+           Member("node-9002", "127.0.0.1:9002", "learner", False, 0)]
+
+
+class RaftClient(FakeClient):
+    """FakeClient plus membership and a settable read consistency."""
+
+    def __init__(self, remove_ok=True, remove_error="", remove_members=None, write_error=""):
+        super().__init__()
+        self.consistency = "local"
+        self.remove_ok, self.remove_error = remove_ok, remove_error
+        self.remove_members = MEMBERS[:2] if remove_members is None else remove_members
+        self.write_error = write_error
+
+    def member_list(self, timeout=None):
+        self.calls.append(("member_list",))
+        return MemberList(list(MEMBERS), "node-9000", "c0ffee")
+
+    def member_remove(self, node):
+        self.calls.append(("member_remove", node))
+        return MemberRemoval(node, self.remove_ok, self.remove_error,
+                             list(self.remove_members) if self.remove_ok else [])
+
+    def put(self, k, v):
+        if self.write_error:
+            self.calls.append(("put", k, v))
+            return Written(k, -1, self.write_error, value=v)
+        return super().put(k, v)
+
+
+def raft_ctx(**kw):
+    ctx = Ctx()
+    ctx.client = RaftClient(**kw)
+    return ctx
+
+
+@pytest.mark.parametrize("words,message", [
+    (["member", "frob"], r"usage: member list \| member remove NODE"),
+    (["member", "remove"], "usage: member remove NODE"),
+    (["member", "list", "extra"], "usage: member list"),
+    (["member", "remove", "a", "b"], r"usage: member \[list \| remove NODE\]"),
+    (["consistency", "eventual"], r"usage: consistency \[local\|linearizable\]"),
+])
+def test_member_and_consistency_usage_errors_make_no_call(words, message):
+    ctx = raft_ctx()
+    with pytest.raises(C.UsageError, match=message):
+        C.run(ctx, words)
+    assert ctx.client.calls == [] and ctx.client.consistency == "local"
+
+
+@pytest.mark.parametrize("words", [["member"], ["member", "list"], ["members"], ["MEMBER", "LIST"]])
+def test_member_list_calls_member_list(words):
+    ctx = raft_ctx()
+    out = C.run(ctx, words)
+    assert out.ok and out.kind == "members" and out.data.leader == "node-9000"
+    assert ctx.client.calls == [("member_list",)]
+    assert [n for n, _ in out.extra["nodes"]] == ["node-9000", "node-9001", "node-9002"]
+    assert out.extra["command"] == "member"
+
+
+def test_member_remove_success_carries_the_new_list():
+    ctx = raft_ctx()
+    out = C.run(ctx, ["member", "remove", "node-9002"])
+    assert out.ok and out.kind == "member_remove"
+    assert ctx.client.calls == [("member_remove", "node-9002")]
+    assert [m.node_id for m in out.data.members] == ["node-9000", "node-9001"]
+    assert [n for n, _ in out.extra["nodes"]] == ["node-9000", "node-9001"]
+
+
+def test_member_remove_without_a_list_in_the_answer_asks_for_it():
+    ctx = raft_ctx(remove_members=[])
+    out = C.run(ctx, ["member", "remove", "node-9002"])
+    assert out.ok and ctx.client.calls == [("member_remove", "node-9002"), ("member_list",)]
+    assert len(out.data.members) == 3
+
+
+def test_member_remove_refusal_is_a_failed_command_with_the_reason():
+    ctx = raft_ctx(remove_ok=False, remove_error="node-7 is not a member")
+    out = C.run(ctx, ["member", "remove", "node-7"])
+    assert not out.ok and "nodes" not in out.extra
+    assert out.error == "member remove node-7: refused by the server: node-7 is not a member"
+    ctx = raft_ctx(remove_ok=False, remove_error="no quorum")
+    out = C.run(ctx, ["member", "remove", "node-9001"])
+    assert not out.ok and "no quorum" in out.error and "majority" in out.error
+
+
+def test_consistency_command_switches_the_client():
+    ctx = raft_ctx()
+    assert C.run(ctx, ["consistency"]).data.startswith("consistency is local")
+    out = C.run(ctx, ["consistency", "Linearizable"])
+    assert ctx.client.consistency == "linearizable" and "quorum" in out.data
+    C.run(ctx, ["consistency", "local"])
+    assert ctx.client.consistency == "local" and ctx.client.calls == []
+
+
+def test_a_write_refused_for_no_quorum_reads_clearly():
+    ctx = raft_ctx(write_error="no quorum")
+    out = C.run(ctx, ["put", "abc", "value"])
+    assert not out.ok
+    assert out.error.startswith("put abc: refused by the server: no quorum (not acknowledged: ")
+    assert "majority" in out.error and "status" in out.error
+    ctx = raft_ctx(write_error="key too long")  # other reasons get no Raft hint
+    assert C.run(ctx, ["put", "abc", "value"]).error == "put abc: refused by the server: key too long"
+
+
+class UnservedReads(FakeClient):
+    """Reads answered blank with a reason: the server did not serve them."""
+
+    def get(self, k, v=None):
+        return Read(k, "", 0, v, "no quorum")
+
+    def mget(self, items):
+        return [Read(k, "val", 1, v) if i == 0 else Read(k, "", 0, v, "no quorum")
+                for i, (k, v) in enumerate(items)]
+
+    def snapshot(self, version=0):
+        return [], "server node-1 is not in step with the cluster (catching-up)"
+
+
+def test_an_unserved_read_is_a_failure_not_a_miss():
+    ctx = Ctx()
+    ctx.client = UnservedReads()
+    out = C.run(ctx, ["get", "abc"])
+    assert not out.ok
+    assert out.error.startswith("get abc: the server did not serve the read: no quorum (")
+    assert "consistency local" in out.error
+    out = C.run(ctx, ["mget", "k01", "k02"])
+    assert not out.ok and out.error.startswith("mget k02: ") and "k01" not in out.error
+    out = C.run(ctx, ["snapshot"])
+    assert not out.ok and "not in step" in out.error and "consistency local" not in out.error
+    # a real miss (no reason) stays a normal answer
+    ctx.client = RaftClient()
+    assert C.run(ctx, ["get", "missing"]).ok
+
+
+def test_status_outcome_names_nodes_for_completion():
+    class StatusClient(FakeClient):
+        def cluster_status(self):
+            return [NodeStatus("127.0.0.1:9000", True, "node-9000", role="leader",
+                               members=MEMBERS[:2]),
+                    NodeStatus("127.0.0.1:9005", True, "node-9005", advertised="h:9005"),
+                    NodeStatus("127.0.0.1:9009", False, error="refused")]
+    ctx = Ctx()
+    ctx.client = StatusClient()
+    out = C.run(ctx, ["status"])
+    assert out.ok and out.extra["down"] == 1
+    names = dict(out.extra["nodes"])
+    assert set(names) == {"node-9000", "node-9001", "node-9005"}
+    assert names["node-9005"] == "h:9005"
+
+
+# -- renderers -----------------------------------------------------------------
+def test_member_list_renders_in_every_format():
+    o = C.Outcome("members", MemberList(MEMBERS, "node-9000", "c0ffee"))
+    out, _ = render("table", o)
+    for word in ("node", "address", "role", "online", "match", "leader", "★ leader",
+                 "127.0.0.1:9002", "learner", "3 members, leader node-9000, cluster c0ffee"):
+        assert word in out, word
+    lines = out.splitlines()
+    assert "★ leader" in next(line for line in lines if "node-9000" in line)
+    assert "★" not in next(line for line in lines if "node-9001" in line)
+    out, _ = render("plain", o)
+    assert out.splitlines() == ["node-9000\t127.0.0.1:9000\tvoter\tonline\t41\tleader",
+                                "node-9001\t127.0.0.1:9001\tvoter\tonline\t40\t-",
+                                "node-9002\t127.0.0.1:9002\tlearner\toffline\t0\t-"]
+    out, _ = render("json", o)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows[2] == {"node_id": "node-9002", "address": "127.0.0.1:9002", "role": "learner",
+                       "online": False, "match_index": 0, "leader": False}
+
+
+def test_member_remove_renders_the_new_list_or_nothing_on_refusal():
+    ok = C.Outcome("member_remove", MemberRemoval("node-9002", True, "", MEMBERS[:2]))
+    out, _ = render("table", ok)
+    assert "OK removed node-9002 from the cluster" in out and "node-9001" in out
+    assert "127.0.0.1:9002" not in out
+    out, _ = render("plain", ok)
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["node-9000", "node-9001"]
+    out, _ = render("json", ok)
+    d = json.loads(out)
+    assert d["op"] == "member remove" and d["ok"] and len(d["members"]) == 2
+    refused = C.Outcome("member_remove", MemberRemoval("node-7", False, "not a member"), ok=False)
+    assert render("table", refused) == ("", "") and render("plain", refused)[0] == ""
+    assert json.loads(render("json", refused)[0]) == {
+        "op": "member remove", "node": "node-7", "ok": False, "error": "not a member"}
+
+
+def _raft_nodes():
+    return [NodeStatus("127.0.0.1:9000", True, "node-9000", True, 41, 0, 0, "node-9000",
+                       "in-step", 10, role="leader", term=3, commit_index=41, applied_index=41,
+                       members=MEMBERS, cluster_id="c0ffee"),
+            NodeStatus("127.0.0.1:9001", True, "node-9001", True, 38, 0, 0, "node-9000",
+                       "catching-up", 9, role="follower", term=3, commit_index=41,
+                       applied_index=38, members=MEMBERS[:2], cluster_id="c0ffee"),
+            NodeStatus("127.0.0.1:9002", False, "node-9002", error="connection refused")]
+
+
+def test_status_table_shows_raft_fields_and_each_servers_members():
+    out, _ = render("table", C.Outcome("status", _raft_nodes()))
+    for word in ("role", "term", "commit", "applied", "lag", "state", "leader node-9000",
+                 "cluster c0ffee", "catching-up", "node-9002 down: connection refused",
+                 "members as each server sees them", "learner, offline"):
+        assert word in out, word
+    row = next(line for line in out.splitlines() if "follower" in line)
+    assert row.split() == ["node-9001", "follower", "3", "41", "38", "3", "catching-up", "9"]
+    # node-9001 does not know node-9002: its cell says so
+    view = next(line for line in out.splitlines() if "node-9001" in line and "voter" in line)
+    assert view.split()[0] == "node-9001" and view.split()[-1] == "—"
+
+
+def test_status_table_shows_leader_and_broker_columns_only_when_it_matters():
+    nodes = _raft_nodes()
+    out, _ = render("table", C.Outcome("status", nodes))
+    header = next(line for line in out.splitlines() if "node" in line and "role" in line)
+    assert "broker" not in header and "leader" not in header
+    nodes[1].leader, nodes[1].broker_connected = "", False
+    out, _ = render("table", C.Outcome("status", nodes))
+    header = next(line for line in out.splitlines() if "node" in line and "role" in line)
+    assert header.split()[-2:] == ["leader", "broker"] and "lost" in out
+
+
+def test_status_plain_and_json_carry_the_raft_fields():
+    out, _ = render("plain", C.Outcome("status", _raft_nodes()))
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert lines[1] == ["127.0.0.1:9001", "up", "node-9001", "catching-up", "38", "3", "9",
+                        "follower", "3", "41", "38", "node-9000,node-9001"]
+    assert lines[2] == ["127.0.0.1:9002", "down", "node-9002", "connection refused"]
+    out, _ = render("json", C.Outcome("status", _raft_nodes()))
+    d = json.loads(out.splitlines()[0])
+    assert (d["role"], d["term"], d["commit_index"], d["applied_index"], d["lag"],
+            d["cluster_id"]) == ("leader", 3, 41, 41, 0, "c0ffee")
+    assert d["members"][0]["leader"] is True
+
+
+def test_status_of_a_server_without_raft_keeps_the_old_meaning_of_lag():
+    n = NodeStatus("127.0.0.1:9000", True, "n1", broker_connected=True, applied_seq=5,
+                   leader_seq=9, state="in-step")
+    assert not n.raft and n.lag == 4
+    out, _ = render("table", C.Outcome("status", [n]))
+    row = next(line for line in out.splitlines() if line.strip().startswith("n1"))
+    assert row.split() == ["n1", "-", "-", "-", "5", "4", "in-step", "0"]
+
+
+def test_unserved_reads_render_as_not_served():
+    r = Read("k02", "", 0, None, "no quorum")
+    o = C.Outcome("mget", [Read("k01", "v", 1, None), r], ok=False)
+    out, _ = render("plain", o)
+    assert out.splitlines() == ["k01\t1\tv", "k02\t(not served)"]
+    out, _ = render("table", o)
+    assert "(not served) no quorum" in out
+    assert render("table", C.Outcome("get", r, ok=False))[0] == ""
+
+
+# -- completion and highlighting ------------------------------------------------
+def _texts(comp, line):
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+    return [c.text for c in comp.get_completions(Document(line), CompleteEvent())]
+
+
+def test_completion_of_member_actions_levels_and_node_names():
+    client = RaftClient()
+    comp = KVSCompleter(lambda: client)
+    assert _texts(comp, "member ") == ["list", "remove"]
+    assert _texts(comp, "member r") == ["remove"]
+    assert _texts(comp, "consistency l") == ["local", "linearizable"]
+    assert _texts(comp, "consistency li") == ["linearizable"]
+    assert _texts(comp, "member list ") == []
+    # nothing seen yet: one MemberList, then the answer is remembered
+    assert _texts(comp, "member remove ") == ["node-9000", "node-9001", "node-9002"]
+    assert _texts(comp, "member remove node-9001") == ["node-9001"]
+    assert client.calls == [("member_list",)]
+    # what a later member list / status showed replaces it (a removed node stops completing)
+    comp.saw_nodes([("node-9000", ""), ("node 5", "h:9005")])
+    assert _texts(comp, "member remove ") == ["'node 5'", "node-9000"]  # sorted, quoted
+    comp.reset()  # connect: another cluster
+    assert _texts(comp, "member remove node-90") == ["node-9000", "node-9001", "node-9002"]
+
+
+def test_node_completion_never_raises_without_a_server():
+    class Down:
+        def member_list(self, timeout=None):
+            raise client_mod.ServerUnavailable("down")
+    comp = KVSCompleter(lambda: Down())
+    assert _texts(comp, "member remove ") == []
+
+
+def test_lexer_flags_a_word_outside_a_fixed_choice():
+    styles = {t: s for s, t in highlight("consistency bogus; member remove node-1; timing on")}
+    assert "kvs.bad" in styles["bogus"]
+    assert "kvs.bad" not in styles["remove"] and "kvs.bad" not in styles["node-1"]
+    assert "kvs.bad" not in styles["on"]
+
+
+# -- the client: metadata and conversions (fake stubs, no server) ---------------------
+class _StubCall(list):
+    """What a grpc call looks like after it ended: its replies, peer and trailers."""
+
+    def __init__(self, replies=(), trailers=()):
+        super().__init__(replies)
+        self._trailers = trailers
+
+    def peer(self):
+        return "ipv4:127.0.0.1:9000"
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+class RecordingStubs:
+    """Fake KVS and KVSExt stubs: every call's method and metadata, in order."""
+    UNARY = {
+        "Insere": lambda r: kvs_pb2.Versao(versao=1),
+        "Remove": lambda r: kvs_pb2.Versao(versao=1),
+        "Consulta": lambda r: kvs_pb2.Tupla(chave=r.chave, valor="v", versao=1),
+        "MemberList": lambda r: kvs_pb2.MemberListReply(
+            members=[kvs_pb2.Member(node_id="n1", address="h:1", role="voter", online=True,
+                                    match_index=7, leader=True),
+                     kvs_pb2.Member(node_id="n2", address="h:2", role="learner")],
+            leader="n1", cluster_id="c1"),
+        "MemberRemove": lambda r: (
+            kvs_pb2.MemberRemoveReply(ok=True, members=[kvs_pb2.Member(node_id="n1")])
+            if r.node_id == "n2" else kvs_pb2.MemberRemoveReply(ok=False, error="unknown node")),
+        "Status": lambda r: kvs_pb2.NodeStatus(
+            node_id="n1", state="in-step", role="leader", term=4, commit_index=12,
+            applied_index=10, cluster_id="c1", members=[kvs_pb2.Member(node_id="n1")]),
+    }
+    STREAM = {
+        "InsereVarias": lambda rs: [kvs_pb2.Versao(versao=1) for _ in rs],
+        "RemoveVarias": lambda rs: [kvs_pb2.Versao(versao=1) for _ in rs],
+        "ConsultaVarias": lambda rs: [kvs_pb2.Tupla(chave=r.chave, valor="v", versao=1)
+                                      for r in rs],
+        "Snapshot": lambda r: [kvs_pb2.Tupla(chave="k01", valor="v", versao=1)],
+    }
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name):
+        outer = self
+        if name in self.UNARY:
+            class Unary:
+                def with_call(self, request, timeout=None, metadata=None):
+                    outer.calls.append((name, metadata, request))
+                    return outer.UNARY[name](request), _StubCall()
+            return Unary()
+        if name in self.STREAM:
+            def call(request, timeout=None, metadata=None):
+                req = request if name == "Snapshot" else list(request)
+                outer.calls.append((name, metadata, req))
+                return _StubCall(outer.STREAM[name](req))
+            return call
+        raise AttributeError(name)
+
+
+def _fake_client(**kw):
+    c = Client(["127.0.0.1:9000"], **kw)
+    c._kvs = c._ext = stubs = RecordingStubs()
+    return c, stubs
+
+
+def _every_kvs_call(c):
+    c.put("k01", "v01")
+    c.get("k01")
+    c.delete("k01")
+    c.mput([("k01", "v01")])
+    c.mget([("k01", None)])
+    c.mdel([("k01", None)])
+    c.snapshot()
+
+
+LINEARIZABLE_MD = (("kvs-consistency", "linearizable"),)
+
+
+def test_linearizable_reads_carry_the_consistency_metadata_and_nothing_else_does():
+    c, stubs = _fake_client(consistency="linearizable")
+    try:
+        _every_kvs_call(c)
+        by_method = {name: md for name, md, _ in stubs.calls}
+        assert set(by_method) == {"Insere", "Consulta", "Remove", "InsereVarias",
+                                  "ConsultaVarias", "RemoveVarias", "Snapshot"}
+        for read in ("Consulta", "ConsultaVarias", "Snapshot"):
+            assert tuple(by_method[read]) == LINEARIZABLE_MD, read
+        for write in ("Insere", "Remove", "InsereVarias", "RemoveVarias"):
+            assert [k for k, _ in by_method[write]] == ["kvs-request-id"], write
+    finally:
+        c.close()
+
+
+def test_local_reads_send_no_metadata_and_the_mode_switches_at_runtime():
+    c, stubs = _fake_client()
+    try:
+        assert c.consistency == "local"
+        _every_kvs_call(c)
+        assert all(md is None for name, md, _ in stubs.calls
+                   if name in ("Consulta", "ConsultaVarias", "Snapshot"))
+        stubs.calls.clear()
+        c.consistency = "linearizable"
+        c.get("k01")
+        c.consistency = "local"
+        c.get("k01")
+        assert [md for _, md, _ in stubs.calls] == [LINEARIZABLE_MD, None]
+        with pytest.raises(ValueError, match="unknown consistency"):
+            c.consistency = "eventual"
+        assert c.consistency == "local"
+    finally:
+        c.close()
+
+
+def test_client_member_calls_return_plain_dataclasses():
+    c, stubs = _fake_client()
+    try:
+        ml = c.member_list()
+        assert ml.leader == "n1" and ml.cluster_id == "c1" and ml.ids == ["n1", "n2"]
+        assert ml.members[0] == Member("n1", "h:1", "voter", True, 7, True)
+        assert ml.members[1] == Member("n2", "h:2", "learner", False, 0, False)
+        r = c.member_remove("n2")
+        assert r.ok and r.node_id == "n2" and [m.node_id for m in r.members] == ["n1"]
+        r = c.member_remove("n9")
+        assert not r.ok and r.error == "unknown node" and r.members == []
+        removes = [(md, req) for name, md, req in stubs.calls if name == "MemberRemove"]
+        assert [req.node_id for _, req in removes] == ["n2", "n9"]
+        ids = [dict(md)["kvs-request-id"] for md, _ in removes]  # a retry can be recognised
+        assert len(set(ids)) == 2
+    finally:
+        c.close()
+
+
+def test_client_status_returns_the_raft_fields():
+    c, _ = _fake_client()
+    try:
+        st = c.status()
+        assert st.up and st.address == "127.0.0.1:9000"  # the peer that answered
+        assert (st.role, st.term, st.commit_index, st.applied_index, st.cluster_id) == (
+            "leader", 4, 12, 10, "c1")
+        assert st.raft and st.lag == 2 and [m.node_id for m in st.members] == ["n1"]
+    finally:
+        c.close()
+
+
+def test_no_quorum_from_a_grpc_status_is_not_called_unreachable():
+    import grpc
+
+    class Failed:
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "no quorum: 1 of 3 voters reachable"
+
+        def trailing_metadata(self):
+            return ()
+
+    err = client_mod._translate(Failed(), "127.0.0.1:9000")
+    assert isinstance(err, client_mod.NoQuorum) and "unreachable" not in str(err)
+    assert Written("abc", -1, "No quorum").no_quorum and not Written("abc", -1, "x").no_quorum
+
+
+def test_the_shell_keeps_consistency_across_connect_and_shows_it():
+    import socket
+
+    from kvs_shell.app import Shell
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shell = Shell([f"127.0.0.1:{port}"], timeout=0.3, out=io.StringIO(), err=io.StringIO(),
+                  color=False, consistency="linearizable")
+    try:
+        text = "".join(t for _, t in shell.toolbar())
+        assert "reads linearizable" in text
+        assert shell.run_words(["connect", str(port)])
+        assert shell.client.consistency == "linearizable"
+        assert shell.run_words(["consistency", "local"])
+        assert "reads local" in "".join(t for _, t in shell.toolbar())
+        # a member list feeds node completion
+        shell.client = RaftClient()
+        assert shell.run_words(["member", "list"])
+        assert _texts(shell.completer, "member remove node-900") == [
+            "node-9000", "node-9001", "node-9002"]
+        assert shell.client.calls == [("member_list",)]
+    finally:
+        shell.completer.keys.close()
+
+
+def test_consistency_flag_reaches_the_client(capsys):
+    from kvs_shell.__main__ import build_parser, main
+    assert build_parser().parse_args([]).consistency == "local"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--consistency", "eventual"])
+    assert main(["-p", "1", "--consistency", "linearizable", "-c", "consistency"]) == 0
+    assert "consistency is linearizable" in capsys.readouterr().err
+
+
+def test_kvs_cluster_status_line_shows_raft_fields():
+    from kvs_cluster.__main__ import status_text
+    line = status_text(kvs_pb2.NodeStatus(node_id="n1", role="follower", term=2, commit_index=9,
+                                          applied_index=8, state="catching-up", leader="n0"))
+    assert "role=follower term=2 commit=9 applied=8 state=catching-up leader=n0" in line
+    assert "applied_seq=4" in status_text(kvs_pb2.NodeStatus(node_id="n1", applied_seq=4))

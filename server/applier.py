@@ -1,0 +1,154 @@
+"""The replicated state machine: committed log entries in, store changes out.
+
+Pure and deterministic (no I/O, no clock): every replica applies the same
+entries in the same order and ends with the same store, the same change
+counter and the same table of applied change ids.  The table makes a change
+apply once even if its proposal reached the log twice (a retry after a lost
+forward, or a client's retry through another server): the second copy answers
+with the first outcome and changes nothing.
+
+Only the driver calls ``apply`` (on its loop, under ``lock``); readers on the
+loop read the store directly, threads that copy the whole store take ``lock``.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Iterable
+
+from .raft.types import CONF, NORMAL, ConfState, Entry
+from .store import InvalidInput, Version, VersionedStore, check_key, check_value
+from .waiters import Outcome
+
+KEEP_IDS = 100_000   # applied change ids remembered (part of the replicated state)
+
+
+class Applier:
+    def __init__(self, store: VersionedStore | None = None) -> None:
+        self.store = store if store is not None else VersionedStore()
+        self.lock = threading.Lock()
+        self.index = 0          # last log index applied
+        self.term = 0           # its term
+        self.changes = 0        # changes applied so far: each change's position (Version.seq)
+        self.conf = ConfState()  # membership as of ``index`` (what a snapshot must carry)
+        self._ids: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
+
+    def apply(self, entry: Entry) -> list[tuple[str, Outcome]]:
+        """Apply one committed entry; returns (change id, outcome) for its changes."""
+        out: list[tuple[str, Outcome]] = []
+        if entry.kind == NORMAL and entry.data:
+            ts = entry.data.get("ts", 0.0)
+            with self.lock:
+                for item in entry.data.get("items", ()):
+                    out.append((item["id"], self._apply_item(item, ts)))
+                self.index, self.term = entry.index, entry.term
+        else:
+            with self.lock:
+                if entry.kind == CONF and entry.data:
+                    self.conf = next_conf(self.conf, entry.data)
+                self.index, self.term = entry.index, entry.term
+        return out
+
+    def _apply_item(self, item: dict, ts: float) -> Outcome:
+        iid = item["id"]
+        first = self._ids.get(iid)
+        if first is not None:
+            return Outcome(*first)
+        self.changes += 1
+        key, op = item["k"], item["op"]
+        try:
+            check_key(key)
+            if op == "put":
+                check_value(item["v"])
+        except InvalidInput as e:
+            o = Outcome(-1, str(e))
+        else:
+            if op == "put":
+                ver = self.store.insert(key, item["v"], self.changes, ts, item.get("node", ""))
+                o = Outcome(ver, "" if ver > 0 else "version numbers of this key are exhausted")
+            else:
+                ver = item.get("ver")
+                known = key in self.store
+                removed = self.store.remove(key, ver)
+                if removed > 0:
+                    o = Outcome(removed)
+                elif not known:
+                    o = Outcome(-1, f"key {key!r} is unknown or has no live versions")
+                else:
+                    o = Outcome(-1, f"key {key!r} has no version {ver}")
+        self._ids[iid] = (o.version, o.reason)
+        if len(self._ids) > KEEP_IDS:
+            self._ids.popitem(last=False)
+        return o
+
+    def outcome_of(self, iid: str) -> Outcome | None:
+        first = self._ids.get(iid)
+        return Outcome(*first) if first is not None else None
+
+    # ---- snapshots and state transfer ---------------------------------------
+    def meta(self) -> dict:
+        """The replicated state besides the keys (call on the loop)."""
+        return {"index": self.index, "term": self.term, "changes": self.changes,
+                "conf": conf_to_json(self.conf),
+                "ids": [[i, v, r] for i, (v, r) in self._ids.items()]}
+
+    def copy_keys(self) -> list[tuple[str, int, list[Version]]]:
+        """A consistent copy of every key (any thread)."""
+        with self.lock:
+            return [(k, mx, list(vs)) for k, mx, vs in self.store.dump()]
+
+    def export(self) -> tuple[dict, list[tuple[str, int, list[Version]]]]:
+        """meta() and the keys at one index (any thread)."""
+        with self.lock:
+            return self.meta(), [(k, mx, list(vs)) for k, mx, vs in self.store.dump()]
+
+    def load(self, keys: Iterable[tuple[str, int, list[Version]]], meta: dict) -> None:
+        """Replace everything by a snapshot's keys and metadata."""
+        fresh = VersionedStore()
+        for key, mx, versions in keys:
+            fresh.load_key(key, mx, [v if isinstance(v, Version) else Version(*v) for v in versions])
+        self.install(fresh, meta)
+
+    def install(self, store: VersionedStore, meta: dict) -> None:
+        """Replace everything by an already built store (a state transfer)."""
+        ids = collections.OrderedDict((i, (v, r)) for i, v, r in meta.get("ids", []))
+        with self.lock:
+            self.store = store
+            self.index, self.term = int(meta.get("index", 0)), int(meta.get("term", 0))
+            self.changes = int(meta.get("changes", 0))
+            self.conf = conf_from_json(meta.get("conf"))
+            self._ids = ids
+
+
+def next_conf(conf: ConfState, data: dict) -> ConfState:
+    """The membership after one CONF entry (single-server changes, Raft thesis §4)."""
+    voters, learners, addrs = set(conf.voters), set(conf.learners), dict(conf.addrs)
+    op, node = data.get("op"), data.get("node", "")
+    if op == "bootstrap":
+        voters, learners = {n for n, _ in data["voters"]}, set()
+        addrs = {n: a for n, a in data["voters"]}
+    elif op == "add_learner":
+        if node not in voters:
+            learners.add(node)
+        addrs[node] = data.get("addr", "")
+    elif op == "promote" and node in learners:
+        learners.discard(node)
+        voters.add(node)
+    elif op == "remove":
+        voters.discard(node)
+        learners.discard(node)
+        addrs.pop(node, None)
+    return ConfState(frozenset(voters), frozenset(learners), tuple(sorted(addrs.items())))
+
+
+def conf_to_json(conf: ConfState) -> dict:
+    return {"voters": sorted(conf.voters), "learners": sorted(conf.learners),
+            "addrs": [list(p) for p in conf.addrs]}
+
+
+def conf_from_json(doc: dict | None) -> ConfState:
+    if not doc:
+        return ConfState()
+    return ConfState(frozenset(str(n) for n in doc.get("voters", [])),
+                     frozenset(str(n) for n in doc.get("learners", [])),
+                     tuple(sorted((str(n), str(a)) for n, a in doc.get("addrs", []))))
