@@ -2,12 +2,14 @@
 dir on the server's one asyncio loop (the gRPC aio server's).
 
 Every Ready is carried out in this fixed order (etcd's raftNode.start):
-  1. persist hard state + entries, fsync (in the persistence thread);
-  2. send messages (MQTT, to ``kvs/<c>/raft/<node>``);
-  3. apply committed entries to the store (the Applier);
-  4. answer: writes whose changes were applied, linearizable reads, state;
-  5. ``machine.advance(ready)``.
-While 1 runs, new messages and proposals keep reaching the machine; they make
+  1. send a leader's appends and heartbeats (they depend on nothing unsaved);
+  2. persist hard state + entries, fsync (in the persistence thread);
+  3. send the other messages (MQTT, to ``kvs/<c>/raft/<node>``): votes and
+     acknowledgements only ever leave after what they promise is on disk;
+  4. apply committed entries to the store (the Applier);
+  5. answer: writes whose changes were applied, linearizable reads, state;
+  6. ``machine.advance(ready)``.
+While 2 runs, new messages and proposals keep reaching the machine; they make
 the next Ready.  Membership, bootstrap and joining are here too: who may join is
 decided by the log (CONF entries); when to ask is decided by presence.
 """
@@ -29,11 +31,14 @@ from .applier import Applier
 from .codec import BadMessage
 from .peers import PeerClients
 from .raft.machine import Machine
-from .raft.types import CONF, Config, ConfState, Ready, Role, SnapshotMeta
+from .raft.types import CONF, Config, MsgType, Ready, Role, SnapshotMeta
 from .transport import BrokerConfig, MqttTransport
 from .waiters import Outcome, Waiters
 
 log = logging.getLogger(__name__)
+
+# Leader-only messages that depend on nothing this Ready persists (see _run_ready).
+_EARLY = frozenset({MsgType.APP, MsgType.HB, MsgType.SNAP})
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Node:
         self._sync_ctx = ""
         self._sync_at = 0.0
         self._behind_since: float | None = None
+        self._synced_vote: tuple[int, str] = (0, "")
         self._last_presence = 0.0
         self._stopping = False
 
@@ -133,6 +139,7 @@ class Node:
                 snap = SnapshotMeta(s.index, s.term, self.applier.conf)
                 self.cid = self.cid or str(s.meta.get("cid", ""))
             hard, entries = rec.hard_state, rec.entries
+            self._synced_vote = (hard.term, hard.vote)
             log.info("recovered position %d: snapshot at %d, %d log entries after it, term %d,"
                      " commit %d, cluster %s", entries[-1].index if entries else snap.index,
                      snap.index, len(entries), hard.term, hard.commit, self.cid or "(none)")
@@ -315,17 +322,32 @@ class Node:
         try:
             while self.machine.has_ready() and not self._stopping:
                 rd = self.machine.ready()
-                # 1. persist (fsync) before anything that depends on it leaves this node
+                # 1. a leader's appends and heartbeats go out before its own fsync, so the
+                #    followers' disk writes overlap the leader's (Raft thesis §10.2.1, etcd's
+                #    raftNode): the leader counts its own copy only after advance().
+                later = []
+                for m in rd.messages:
+                    if m.type in _EARLY:
+                        self._send(m)
+                    else:
+                        later.append(m)
+                # 2. persist before anything that depends on it leaves this node (votes,
+                #    acknowledgements of appended entries), in the persistence thread; fsync
+                #    only when entries, the term or the vote changed (a new commit index
+                #    alone need not be durable: etcd's MustSync).
                 if self.datadir is not None and (rd.entries or rd.hard_state is not None):
                     try:
-                        await self._loop.run_in_executor(self._disk, self._persist, rd)
+                        if rd.entries or self._vote_changed(rd.hard_state):
+                            await self._loop.run_in_executor(self._disk, self._persist, rd)
+                        else:   # a new commit index only: a small buffered record
+                            self.datadir.append(rd.entries, rd.hard_state)
                     except Exception as e:
                         self._fail_stop(e)
                         return
-                # 2. send
-                for m in rd.messages:
-                    self.transport.publish(f"{self.t_raft}/{m.to}", codec.encode_raft(self.cid, m))
-                # 3. apply, 4. answer
+                # 3. send the rest
+                for m in later:
+                    self._send(m)
+                # 4. apply, 5. answer
                 if rd.committed:
                     self._apply(rd)
                 for rs in rd.read_states:
@@ -356,6 +378,16 @@ class Node:
     def _persist(self, rd: Ready) -> None:   # persistence thread
         self.datadir.append(rd.entries, rd.hard_state)
         self.datadir.sync()
+
+    def _send(self, m) -> None:
+        self.transport.publish(f"{self.t_raft}/{m.to}", codec.encode_raft(self.cid, m))
+
+    def _vote_changed(self, hs) -> bool:
+        if hs is None:
+            return False
+        changed = (hs.term, hs.vote) != self._synced_vote
+        self._synced_vote = (hs.term, hs.vote)
+        return changed
 
     def _fail_stop(self, e: Exception) -> None:
         log.critical("cannot make changes durable: %s; refusing writes", e)
@@ -508,6 +540,10 @@ class Node:
                 _warn("raft message", BadMessage(
                     f"for cluster {cid!r} / node {m.to!r}, we are {self.cid!r} / {self.node!r}"),
                     payload)
+                return
+            if m.type is MsgType.PROP and not _fresh(m.entries):
+                _warn("raft message", BadMessage("proposal older than "
+                                                  f"{PROPOSAL_MAX_AGE:g}s (a replay?)"), payload)
                 return
             self.machine.step(m)
             self._kick()
@@ -768,6 +804,17 @@ class Node:
             "cluster_id": self.cid, "members": members,
             "peers": [(n, p.addr, True) for n, p in sorted(alive.items())],
         }
+
+
+# A forwarded proposal older than this is refused: its change ids may have left the
+# applier's de-duplication window, so a replay (recorded with its MAC) must not apply again.
+PROPOSAL_MAX_AGE = 120.0
+
+
+def _fresh(entries) -> bool:
+    now = time.time()
+    return all(abs(now - (e.data or {}).get("ts", 0.0)) <= PROPOSAL_MAX_AGE
+               for e in entries if e.kind == "normal")
 
 
 _garbage = 0

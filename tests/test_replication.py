@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -598,10 +599,10 @@ def test_garbage_on_broker_topics_changes_nothing(cluster3, stubs3):
         dict(node_ok, applied="x"), dict(node_ok, addr=5), dict(node_ok, term=2**64),
         dict(node_ok, t="join"), dict(node_ok, node=intruder, online=True),  # not its own topic
     )]
-    messages = []
+    # each server's Raft topic first: its log then shows (the first few) refusals
+    messages = [(f"{BASE}/raft/{n}", d, qos, False) for n in nodes
+                for d in common + _raft_garbage(cid, leader, n, term, commit, u) for qos in (0, 1)]
     for n in nodes:
-        for d in common + _raft_garbage(cid, leader, n, term, commit, u):
-            messages += [(f"{BASE}/raft/{n}", d, qos, False) for qos in (0, 1)]
         for d in common + presences:
             messages += [(f"{BASE}/nodes/{n}", d, qos, False) for qos in (0, 1)]
         messages += [(f"{BASE}/ping/{n}", d, 1, False) for d in common]
@@ -629,6 +630,9 @@ def test_garbage_on_broker_topics_changes_nothing(cluster3, stubs3):
     try:
         _publish_all(cluster3.broker.port, messages)
         _check_unharmed(cluster3, stubs3, before, view, u, marker=f"after-garbage-{u}")
+        # not vacuous: the garbage reached every server's Raft decoder (and was refused)
+        for srv in cluster3.servers:
+            assert re.search(r"WARNING .*raft message", srv.log_text()), srv.log_tail()
     finally:
         _publish_all(cluster3.broker.port, [(t, b"", 1, True) for t in retained])   # clear retained
 
