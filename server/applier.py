@@ -152,3 +152,29 @@ def conf_from_json(doc: dict | None) -> ConfState:
     return ConfState(frozenset(str(n) for n in doc.get("voters", [])),
                      frozenset(str(n) for n in doc.get("learners", [])),
                      tuple(sorted((str(n), str(a)) for n, a in doc.get("addrs", []))))
+
+
+class Reader:
+    """The one way to read the store (STYLE §2): key reads on the loop need no lock (only
+    the loop applies changes); whole-store copies take the applier's lock (any thread)."""
+
+    def __init__(self, applier: Applier) -> None:
+        self._a = applier
+
+    def get(self, key: str, version: int | None = None):
+        return self._a.store.get(key, version)
+
+    def history(self, key: str) -> tuple[list[Version], int]:
+        store = self._a.store
+        return store.history(key), store.max_version(key)
+
+    def keys(self, prefix: str, limit: int, start_after: str | None):
+        return self._a.store.keys(prefix, limit, start_after)
+
+    def count(self) -> int:
+        return len(self._a.store)
+
+    def snapshot_rows(self, version: int | None) -> list:
+        """Every key's value at ``version`` (latest when None), one consistent cut."""
+        with self._a.lock:
+            return list(self._a.store.snapshot(version))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from . import codec, repair
-from .applier import Applier
+from .applier import Applier, Reader
 from .codec import BadMessage
 from .peers import PeerClients
 from .raft.machine import Machine
@@ -79,6 +79,7 @@ class Node:
         self.peers = peers or PeerClients()
         self._on_state = on_state
         self.applier = Applier()
+        self.reader = Reader(self.applier)
         self.waiters = Waiters()
         self.boot = os.urandom(4).hex()
         self.cid = ""
@@ -118,6 +119,7 @@ class Node:
         self._sync_at = 0.0
         self._behind_since: float | None = None
         self._synced_vote: tuple[int, str] = (0, "")
+        self._named: set[str] = set()   # nodes added by membership entries in our log
         self._last_presence = 0.0
         self._stopping = False
 
@@ -139,6 +141,7 @@ class Node:
                 snap = SnapshotMeta(s.index, s.term, self.applier.conf)
                 self.cid = self.cid or str(s.meta.get("cid", ""))
             hard, entries = rec.hard_state, rec.entries
+            self._name_members(entries)
             self._synced_vote = (hard.term, hard.vote)
             log.info("recovered position %d: snapshot at %d, %d log entries after it, term %d,"
                      " commit %d, cluster %s", entries[-1].index if entries else snap.index,
@@ -263,10 +266,6 @@ class Node:
     # =====================================================================
     # reads
     # =====================================================================
-    @property
-    def store(self):
-        return self.applier.store
-
     def readable_now(self) -> bool:
         return self._readable
 
@@ -335,6 +334,7 @@ class Node:
                 #    acknowledgements of appended entries), in the persistence thread; fsync
                 #    only when entries, the term or the vote changed (a new commit index
                 #    alone need not be durable: etcd's MustSync).
+                self._name_members(rd.entries)
                 if self.datadir is not None and (rd.entries or rd.hard_state is not None):
                     try:
                         if rd.entries or self._vote_changed(rd.hard_state):
@@ -541,6 +541,10 @@ class Node:
                     f"for cluster {cid!r} / node {m.to!r}, we are {self.cid!r} / {self.node!r}"),
                     payload)
                 return
+            why = self._suspect(m)
+            if why:
+                _warn("raft message", BadMessage(why), payload)
+                return
             if m.type is MsgType.PROP and not _fresh(m.entries):
                 _warn("raft message", BadMessage("proposal older than "
                                                   f"{PROPOSAL_MAX_AGE:g}s (a replay?)"), payload)
@@ -562,6 +566,34 @@ class Node:
                 _warn("join request", e, payload)
                 return
             self._handle_join(j)
+
+    def _suspect(self, m) -> str:
+        """Why a well-formed message for us must still be dropped ("" if it need not).
+        Senders must be members (applied, or named by a membership entry in our log, or
+        online with our cluster id); a server that has no configuration yet (joining) has
+        to listen to whoever leads.  A term far beyond ours is refused: terms only grow by
+        elections, and one near the integer limit would wedge every election after it.
+        (Without the cluster secret this keeps out strangers, not impersonators.)"""
+        mc = self.machine
+        if m.term > mc.term + MAX_TERM_JUMP:
+            return f"term {m.term} is absurdly far beyond ours ({mc.term})"
+        if not mc.conf.voters or m.frm in mc.conf.members() or m.frm in self._named:
+            return ""
+        p = self._presence.get(m.frm)
+        if p is not None and p[0].cid == self.cid and p[0].online and \
+                time.monotonic() - p[1] < self.cfg.presence_ttl:
+            return ""
+        return f"sender {m.frm!r} is not a member"
+
+    def _name_members(self, entries) -> None:
+        for e in entries:
+            if e.kind == CONF and e.data:
+                if e.data.get("op") == "bootstrap":
+                    self._named.update(n for n, _ in e.data.get("voters", []))
+                elif e.data.get("op") in ("add_learner", "promote"):
+                    self._named.add(e.data.get("node", ""))
+                elif e.data.get("op") == "remove":
+                    self._named.discard(e.data.get("node", ""))
 
     def _on_connection(self, up: bool) -> None:
         if up:
@@ -796,7 +828,7 @@ class Node:
             "node_id": self.node, "address": self.cfg.address,
             "broker_connected": self.transport.connected,
             "applied_seq": self.applier.index, "epoch": m.term, "leader": m.leader,
-            "state": self._state, "keys": len(self.applier.store), "log_hash": "",
+            "state": self._state, "keys": self.reader.count(), "log_hash": "",
             "leader_seq": m.commit, "uptime": time.time() - self.started,
             "durable": self.datadir is not None, "snapshotting": self._snapshotting.is_set(),
             "role": self._role_name(), "term": m.term,
@@ -809,6 +841,7 @@ class Node:
 # A forwarded proposal older than this is refused: its change ids may have left the
 # applier's de-duplication window, so a replay (recorded with its MAC) must not apply again.
 PROPOSAL_MAX_AGE = 120.0
+MAX_TERM_JUMP = 1_000_000
 
 
 def _fresh(entries) -> bool:

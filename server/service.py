@@ -162,7 +162,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             return _blank(req.chave), str(e)
         if gate is not None:
             return _blank(req.chave), gate
-        found = self.log.store.get(req.chave, _version_arg(req))
+        found = self.log.reader.get(req.chave, _version_arg(req))
         if found is None:
             return _blank(req.chave), ""
         return kvs_pb2.Tupla(chave=req.chave, valor=found.value, versao=found.number), ""
@@ -288,7 +288,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
                 return
             version = request.versao if request.versao > 0 else None
             # One consistent cut, taken off the loop (100k keys take a while).
-            rows = await asyncio.to_thread(self._snapshot_rows, version)
+            rows = await asyncio.to_thread(self.log.reader.snapshot_rows, version)
             if not rows:
                 yield _blank("")
                 return
@@ -302,9 +302,6 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         finally:
             errors.send()
 
-    def _snapshot_rows(self, version: int | None) -> list:
-        with self.log.applier.lock:
-            return list(self.log.store.snapshot(version))
 
 
 def _members(rows: list[dict]) -> list:
@@ -320,8 +317,7 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
         self._removals: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     async def History(self, request, context):
-        store = self.log.store
-        versions, top = store.history(request.chave), store.max_version(request.chave)
+        versions, top = self.log.reader.history(request.chave)
         return kvs_pb2.KeyHistory(
             chave=request.chave, max_version=min(top, INT32_MAX),
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
@@ -329,7 +325,7 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def ListKeys(self, request, context):
         limit = min(request.limit or 1000, 100_000)
-        keys, truncated = self.log.store.keys(request.prefix, limit, request.start_after or None)
+        keys, truncated = self.log.reader.keys(request.prefix, limit, request.start_after or None)
         return kvs_pb2.KeyList(keys=keys, truncated=truncated)
 
     async def Status(self, request, context):

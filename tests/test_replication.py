@@ -481,11 +481,11 @@ def _check_unharmed(cluster3, stubs3, before: dict, view: tuple, u: str, marker:
             if resp.versao < 1:
                 failures.append(f"{s.address}: -1 ({trailing(call).get('kvs-error')})")
             return resp.versao if resp.versao >= 1 else None
-        ver = wait_until(write, 60, f"a write through {s.address} after the garbage")
+        ver = wait_until(write, 60, f"a write through {s.address} after the hostile messages")
         wait_consulta(stubs3, k, (k, v, ver), timeout=60)
     if failures:
         print(f"writes refused while the garbage was digested: {failures}")
-    sts = wait_in_step(stubs3, timeout=60, what="in step after garbage")
+    sts = wait_in_step(stubs3, timeout=60, what="in step after the hostile messages")
     assert all(st.applied_index < 2**40 and st.commit_index < 2**40 for st in sts), \
         [(st.applied_index, st.commit_index) for st in sts]
     views = [_cluster_view(st) for st in sts]
