@@ -182,10 +182,16 @@ def decode_object(payload: bytes) -> dict:
     return _decode(_object_decoder, payload, "object")
 
 
-def encode_raft(cid: str, m: Message) -> bytes:
+def encode_entries(entries) -> msgspec.Raw:
+    """Entries encoded once, to be sent to several followers (encode_raft's ``entries``)."""
+    return msgspec.Raw(_encoder.encode([(e.term, e.index, e.kind, e.data) for e in entries]))
+
+
+def encode_raft(cid: str, m: Message, entries: msgspec.Raw | None = None) -> bytes:
     return _encoder.encode(RaftDoc(
         cid, m.type, m.frm, m.to, m.term, m.log_term, m.index, m.commit, m.reject, m.hint,
-        m.ctx, [(e.term, e.index, e.kind, e.data) for e in m.entries]))
+        m.ctx, entries if entries is not None else
+        [(e.term, e.index, e.kind, e.data) for e in m.entries]))
 
 
 def decode_raft(payload: bytes) -> tuple[str, Message]:

@@ -93,6 +93,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvs-disk")
         self._batch: list[dict] = []
+        self._linger: asyncio.TimerHandle | None = None
         self._kicked = False
         self._processing = False
         self._tasks: list[asyncio.Task] = []
@@ -238,7 +239,28 @@ class Node:
             self._kick()
         return fut
 
+    def _maybe_flush(self) -> None:
+        """Group commit at the leader: while an earlier batch is replicating (appended,
+        not yet committed), new changes wait for it -- or for LINGER -- and then travel
+        together as one entry.  Otherwise (idle leader, follower) they go at once."""
+        if not self._batch:
+            return
+        m = self.machine
+        if m.role is not Role.LEADER or m.commit >= m.last_index or \
+                len(self._batch) >= self.cfg.max_batch_items:
+            self._flush_proposals()
+        elif self._linger is None:
+            self._linger = self._loop.call_later(LINGER, self._linger_done)
+
+    def _linger_done(self) -> None:
+        self._linger = None
+        self._flush_proposals()
+        self._kick()
+
     def _flush_proposals(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if not self._batch:
             return
         items, self._batch = self._batch, []
@@ -311,8 +333,10 @@ class Node:
         self._kicked = False
         if self.machine is None or self._stopping:
             return
-        self._flush_proposals()
-        if not self._processing and self.machine.has_ready():
+        if self._processing:
+            return   # the running Ready loop flushes proposals once per cycle (group commit)
+        self._maybe_flush()
+        if self.machine.has_ready():
             self._processing = True
             self._tasks.append(asyncio.create_task(self._run_ready()))
             self._tasks = [t for t in self._tasks if not t.done()]
@@ -325,9 +349,10 @@ class Node:
                 #    followers' disk writes overlap the leader's (Raft thesis §10.2.1, etcd's
                 #    raftNode): the leader counts its own copy only after advance().
                 later = []
+                encoded: dict = {}   # entries sent to several followers are encoded once
                 for m in rd.messages:
                     if m.type in _EARLY:
-                        self._send(m)
+                        self._send(m, encoded)
                     else:
                         later.append(m)
                 # 2. persist before anything that depends on it leaves this node (votes,
@@ -346,7 +371,7 @@ class Node:
                         return
                 # 3. send the rest
                 for m in later:
-                    self._send(m)
+                    self._send(m, encoded)
                 # 4. apply, 5. answer
                 if rd.committed:
                     self._apply(rd)
@@ -367,7 +392,7 @@ class Node:
                     log.info("raft: %s in term %d (leader %s)", rd.soft_state.role.value,
                              rd.soft_state.term, rd.soft_state.leader or "unknown")
                     self._update_state()
-                self._flush_proposals()
+                self._maybe_flush()
         except Exception:
             log.exception("error handling a Ready")
         finally:
@@ -379,8 +404,15 @@ class Node:
         self.datadir.append(rd.entries, rd.hard_state)
         self.datadir.sync()
 
-    def _send(self, m) -> None:
-        self.transport.publish(f"{self.t_raft}/{m.to}", codec.encode_raft(self.cid, m))
+    def _send(self, m, encoded: dict) -> None:
+        raw = None
+        if m.entries and m.entries[0].index:   # (a forwarded proposal has no index yet)
+            # Within one Ready the same index range holds the same entries.
+            span = (m.entries[0].index, m.entries[-1].index, m.entries[-1].term)
+            raw = encoded.get(span)
+            if raw is None:
+                raw = encoded[span] = codec.encode_entries(m.entries)
+        self.transport.publish(f"{self.t_raft}/{m.to}", codec.encode_raft(self.cid, m, raw))
 
     def _vote_changed(self, hs) -> bool:
         if hs is None:
@@ -841,6 +873,7 @@ class Node:
 # A forwarded proposal older than this is refused: its change ids may have left the
 # applier's de-duplication window, so a replay (recorded with its MAC) must not apply again.
 PROPOSAL_MAX_AGE = 120.0
+LINGER = 0.002   # s a leader holds new changes back while an earlier batch replicates
 MAX_TERM_JUMP = 1_000_000
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import msgspec
+
 from .raft.types import Entry, HardState
 from .store import Version
 
@@ -62,6 +64,8 @@ _MANIFEST = "MANIFEST"
 _WRITE_BUFFER = 256 * 1024
 _SNAP_CHUNK = 1 << 20
 SEGMENT_BYTES = 64 << 20           # rotate the active segment beyond this (as etcd)
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.decode
 _ENC = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=False)
 
 
@@ -133,22 +137,23 @@ class _Bad(Exception):
 
 
 # ---- record encoding ------------------------------------------------------------------
-def _frame(kind: int, body: str) -> bytes:
-    payload = bytes((kind,)) + body.encode("utf-8")
+def _frame(kind: int, body: bytes) -> bytes:
+    payload = bytes((kind,)) + body
     ln = _LEN.pack(len(payload))
     return _LEN.pack(zlib.crc32(payload, zlib.crc32(ln))) + ln + payload
 
 
 def _entries_record(entries: Sequence[Entry]) -> bytes:
-    return _frame(REC_ENTRIES, _ENC.encode([[e.term, e.index, e.kind, e.data] for e in entries]))
+    # msgspec writes the same JSON as the stdlib, several times faster (every append runs this)
+    return _frame(REC_ENTRIES, _json_encode([(e.term, e.index, e.kind, e.data) for e in entries]))
 
 
 def _hard_record(hs: HardState) -> bytes:
-    return _frame(REC_HARD, _ENC.encode([hs.term, hs.vote, hs.commit]))
+    return _frame(REC_HARD, _json_encode((hs.term, hs.vote, hs.commit)))
 
 
 def _decode_entries(body: bytes) -> list[Entry]:
-    raw = json.loads(body)
+    raw = _json_decode(body)
     if not isinstance(raw, list) or not raw:
         raise ValueError("empty entries record")
     out = []
@@ -159,7 +164,7 @@ def _decode_entries(body: bytes) -> list[Entry]:
             raise ValueError(f"invalid entry {item[:3]!r}")
         if out and index != out[-1].index + 1:
             raise ValueError(f"entries not contiguous at index {index}")
-        out.append(Entry(term, index, kind, data, len(_ENC.encode(data))))
+        out.append(Entry(term, index, kind, data, len(_json_encode(data))))
     return out
 
 
