@@ -48,7 +48,7 @@ class Net:
                 self.m[n].bootstrap({v: ADDRS[v] for v in names})
 
     def add(self, n: str, machine: Machine | None = None) -> Machine:
-        self.m[n] = machine or Machine(Config(node=n, **self.cfg), random.Random(hash((self.seed, n))))
+        self.m[n] = machine or Machine(Config(node=n, **self.cfg), random.Random(f"{self.seed}:{n}"))
         self.disk.setdefault(n, Disk())
         self.reads.setdefault(n, [])
         return self.m[n]
@@ -299,7 +299,10 @@ def test_remove_leader_then_follower():
     assert L.propose_conf("remove", lead) is None
     net.settle()
     assert L.role == Role.FOLLOWER
-    net.tick(30)
+    for _ in range(200):   # bounded: election timeouts are randomised
+        net.tick(1)
+        if net.leaders():
+            break
     rest = set("abc") - {lead}
     [n] = net.leaders()
     assert n in rest
