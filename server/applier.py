@@ -16,6 +16,7 @@ import collections
 import threading
 from typing import Iterable
 
+from .raft import membership
 from .raft.types import CONF, NORMAL, ConfState, Entry
 from .store import InvalidInput, Version, VersionedStore, check_key, check_value
 from .waiters import Outcome
@@ -45,7 +46,7 @@ class Applier:
         else:
             with self.lock:
                 if entry.kind == CONF and entry.data:
-                    self.conf = next_conf(self.conf, entry.data)
+                    self.conf = membership.apply(self.conf, entry.data)
                 self.index, self.term = entry.index, entry.term
         return out
 
@@ -118,27 +119,6 @@ class Applier:
             self.changes = int(meta.get("changes", 0))
             self.conf = conf_from_json(meta.get("conf"))
             self._ids = ids
-
-
-def next_conf(conf: ConfState, data: dict) -> ConfState:
-    """The membership after one CONF entry (single-server changes, Raft thesis §4)."""
-    voters, learners, addrs = set(conf.voters), set(conf.learners), dict(conf.addrs)
-    op, node = data.get("op"), data.get("node", "")
-    if op == "bootstrap":
-        voters, learners = {n for n, _ in data["voters"]}, set()
-        addrs = {n: a for n, a in data["voters"]}
-    elif op == "add_learner":
-        if node not in voters:
-            learners.add(node)
-        addrs[node] = data.get("addr", "")
-    elif op == "promote" and node in learners:
-        learners.discard(node)
-        voters.add(node)
-    elif op == "remove":
-        voters.discard(node)
-        learners.discard(node)
-        addrs.pop(node, None)
-    return ConfState(frozenset(voters), frozenset(learners), tuple(sorted(addrs.items())))
 
 
 def conf_to_json(conf: ConfState) -> dict:
