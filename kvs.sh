@@ -8,6 +8,7 @@
 #   ./kvs.sh status | stop        show / stop the local cluster
 #   ./kvs.sh bench [--quick]      run the benchmark harness
 set -euo pipefail
+umask 077   # run/ holds data, logs and credentials: nobody else's business
 cd "$(dirname "$0")"
 RUN_DIR=${KVS_RUN_DIR:-./run}
 SERVERS=${KVS_SERVERS:-9000,9001,9002}
@@ -29,10 +30,14 @@ esac
 
 setup
 if ! "$PY" -m kvs_cluster status --dir "$RUN_DIR" >/dev/null 2>&1; then
-    # KVS_INSECURE=1: the course's plain mode (anonymous broker, no token, TLS or HMAC)
-    "$PY" -m kvs_cluster up --dir "$RUN_DIR" --servers "$SERVERS" ${KVS_INSECURE:+--insecure} >&2
+    # Secure (mutual TLS, per-client credentials) unless KVS_INSECURE is exactly 1: the
+    # course's plain mode (anonymous broker, no credentials, TLS or HMAC).  0/false/no
+    # or a typo must not open the cluster; kvs_cluster reads KVS_INSECURE the same way.
+    insecure=()
+    [ "${KVS_INSECURE:-}" = 1 ] && insecure=(--insecure)
+    "$PY" -m kvs_cluster up --dir "$RUN_DIR" --servers "$SERVERS" "${insecure[@]}" >&2
 fi
-# Where the cluster's client credentials are (token file, CA), when security is on.
+# Where the cluster's client credentials are (token, CA, client certificate), when secure.
 if [ -f "$RUN_DIR/client.env" ]; then
     set -a; . "$RUN_DIR/client.env"; set +a
 fi

@@ -41,6 +41,8 @@ if str(ROOT) not in sys.path:
 
 import grpc  # noqa: E402
 
+from kvs_common.channel import make_channel  # noqa: E402
+from kvs_common.wire import CLIENT_MAX_MESSAGE  # noqa: E402
 from kvs_proto import kvs_pb2, kvs_pb2_grpc  # noqa: E402
 
 perf = time.perf_counter
@@ -48,14 +50,14 @@ VALUE = "v" * 16  # a small, valid value (>= 3 chars)
 
 # One channel per target for the lifetime of the worker process.
 _channels: dict[str, grpc.aio.Channel] = {}
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+_OPTIONS = [("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE),
+            ("grpc.max_send_message_length", CLIENT_MAX_MESSAGE)]
 
 
 def _stub(target: str) -> kvs_pb2_grpc.KVSStub:
     ch = _channels.get(target)
     if ch is None:
-        ch = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        ch = make_channel(target, options=_OPTIONS, aio=True)
         _channels[target] = ch
     return kvs_pb2_grpc.KVSStub(ch)
 

@@ -16,7 +16,9 @@ a separate process (bench/loadgen.py), runs the same loads against
 and prints a table (every figure also as a ratio to the empty server) plus
 bench/results/latest.json.  Extra rows: persistence on vs off (1 server, Insere at 64 in
 flight), time for a 100k-key state transfer to a 4th server with an empty data dir, and
-the shell's completion latency over the key set.  Each figure is the median of --reps
+the shell's completion latency over the key set, and what TLS costs a client (a new
+connection's first call, and a call on an open one: plaintext / TLS / mutual TLS).
+Each figure is the median of --reps
 repetitions (3 by default, 1 with --quick).
 
 Exit status: 0 when every measurement ran without an error (speed is never asserted),
@@ -48,7 +50,8 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from kvs_proto import kvs_pb2, kvs_pb2_grpc  # noqa: E402
+from kvs_common.channel import make_channel  # noqa: E402
+from kvs_common.status import fetch_status  # noqa: E402
 
 PY = sys.executable
 # The broker tuning the local cluster uses too (kvs_cluster up): TCP_NODELAY on the
@@ -126,15 +129,15 @@ class LoadGen:
 # ----------------------------------------------------------------------------- small gRPC helpers
 def status(addr: str, timeout: float = 2.0):
     try:
-        with grpc.insecure_channel(addr) as ch:
-            return kvs_pb2_grpc.KVSExtStub(ch).Status(kvs_pb2.StatusRequest(), timeout=timeout)
+        with make_channel(addr) as ch:
+            return fetch_status(ch, timeout=timeout)
     except grpc.RpcError:
         return None
 
 
 def serving(addr: str, timeout: float = 1.0) -> bool:
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with make_channel(addr) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             return r.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -502,6 +505,24 @@ def phase_persistence(run: Run, workdir: Path) -> None:
             log(f"  persistence {mode}: {s['rate']:.0f}/s p99 {s['p99_ms']:.2f} ms")
 
 
+def phase_tls(run: Run, workdir: Path) -> None:
+    """TLS handshake cost (bench/tls_cost.py): one small cluster per mode."""
+    import tls_cost
+
+    n = 50 if run.cfg.quick else 300
+    log(f"phase: TLS cost ({n} fresh connections per mode)")
+    for mode in tls_cost.MODES:
+        try:
+            fresh, warm = tls_cost.run_mode(mode, workdir / "tls", n)
+        except Exception as e:
+            run.fail(f"tls cost @ {mode}", e)
+            continue
+        run.record("tls_connect", mode, [fresh], ("p50_ms", "p99_ms"))
+        run.record("tls_warm", mode, [warm], ("p50_ms", "p99_ms"))
+        log(f"  {mode:9s}: new connection + Status p50 {fresh['p50_ms']:.2f} ms "
+            f"(p99 {fresh['p99_ms']:.2f}); open connection p50 {warm['p50_ms']:.2f} ms")
+
+
 def completion(run: Run, name: str, a: str) -> None:
     cfg = run.cfg
     try:
@@ -632,6 +653,17 @@ def build_table(run: Run) -> tuple[list[str], list[list[str]], list[str]]:
         rows.append(["Persist. on: Insere 64", "calls/s", "", fmt(on.get("rate"), "calls/s"),
                      fmt(ratio(on.get("rate"), off.get("rate"))) + " of off", "", ""])
         rows.append(["  p99", "ms", "", fmt(on.get("p99_ms")), "", "", ""])
+    tc, tw = figs.get("tls_connect", {}), figs.get("tls_warm", {})
+    if tc:
+        base = tc.get("plaintext", {}).get("p50_ms")
+        for mode, label in (("plaintext", "plaintext"), ("tls", "TLS"), ("mutual", "mutual TLS")):
+            c, w = tc.get(mode, {}), tw.get(mode, {})
+            extra = (f"+{c['p50_ms'] - base:.2f} ms" if mode != "plaintext" and base is not None
+                     and c.get("p50_ms") is not None else "")
+            rows.append([f"New conn. + Status, {label} p50", "ms", "", fmt(c.get("p50_ms")), extra,
+                         "", ""])
+            rows.append([f"  open conn. Status, {label} p50", "ms", "", fmt(w.get("p50_ms")), "",
+                         "", ""])
     st = figs.get("state_transfer", {}).get("3srv")
     if st:
         rows.append([f"State transfer ({st['keys']:,.0f} keys)", "s", "", "", "", fmt(st["total_s"]), ""])
@@ -685,8 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts, 1k keys, < 1 min (CI)")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per figure (median reported)")
     ap.add_argument("--keys", type=int, default=0, help="keys loaded before reads/Snapshot/transfer")
-    ap.add_argument("--only", default="empty,1,3,persist",
-                    help="comma list of phases: empty,1,3,persist (default: all)")
+    ap.add_argument("--only", default="empty,1,3,persist,tls",
+                    help="comma list of phases: empty,1,3,persist,tls (default: all)")
     ap.add_argument("--empty-impl", choices=("aio", "sync"), default="aio")
     ap.add_argument("--skip-transfer", action="store_true")
     ap.add_argument("--skip-completion", action="store_true")
@@ -744,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
                 phase_persistence(run, workdir)
             except Exception as e:
                 run.fail("phase persistence", e)
+        if "tls" in phases and server_ok:
+            phase_tls(run, workdir)
     finally:
         lg.close()
         if empty_proc is not None:

@@ -4,12 +4,16 @@
             and KVS servers, detached (they keep running after this command exits);
             pid files, logs and data go under --dir (default ./run).
             Secure by default: on first start it generates (mode 0600, under --dir)
-            a client token, a cluster secret (HMAC of every broker message), the
-            servers' broker password (password_file + acl_file) and a CA + certificate
-            (TLS for gRPC and for the broker), and writes --dir/client.env for clients
-            (`. run/client.env` sets KVS_TOKEN_FILE, KVS_TLS_CA, KVS_SHELL_SERVERS).
-            --no-tls: everything but TLS.  --insecure: the course's plain mode
-            (anonymous broker, no token, no TLS, unsigned messages).
+            the shell's token and client certificate (users in auth.json, role
+            admin), a peer token for the servers, a cluster secret (HMAC of every
+            broker message), the servers' broker password (password_file +
+            acl_file) and a CA + server certificate (TLS for gRPC, mutual: clients
+            need a certificate of the CA, and TLS for the broker), and writes
+            --dir/client.env for clients (`. run/client.env` sets KVS_TOKEN_FILE,
+            KVS_TLS_CA, KVS_CLIENT_CERT/KEY, KVS_SHELL_SERVERS).
+            --no-mutual-tls: clients need no certificate.  --no-tls: everything
+            but TLS.  --insecure (or KVS_INSECURE=1, exactly): the course's plain
+            mode (anonymous broker, no credentials, no TLS, unsigned messages).
     status  show what runs (pids, and each server's KVSExt.Status)
     down    stop the servers (SIGTERM, SIGKILL after a deadline), then the broker if
             `up` started it
@@ -25,13 +29,22 @@ import sys
 import time
 from pathlib import Path
 
+from kvs_common.wire import CLIENT_ENV_VARS
+
+from . import privdrop
 from .launcher import HOST, PROJECT_ROOT, Broker, Server, free_port, port_open
 from .security import Security, env_file_text
 
 STATE_FILE = "cluster.json"
 CLIENT_ENV = "client.env"
 SERVER_ENV = "server.env"
-_CLIENT_VARS = ("KVS_TOKEN", "KVS_TOKEN_FILE", "KVS_TLS_CA", "KVS_CLIENT_CERT", "KVS_CLIENT_KEY")
+INSECURE_ENV = "KVS_INSECURE"
+
+
+def insecure_requested(environ=os.environ) -> bool:
+    """KVS_INSECURE turns security off only when it is exactly "1": a typo, "0",
+    "false" or "no" must not silently open the cluster."""
+    return environ.get(INSECURE_ENV, "") == "1"
 
 
 # ---------------------------------------------------------------------------
@@ -104,7 +117,8 @@ def _venv_python() -> str:
 # ---------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.chmod(0o700)   # logs, data and secrets: nobody else's business
     state = _load_state(run_dir)
     if state:
         running = [s["port"] for s in state.get("servers", []) if _alive(s.get("pid"), "server")]
@@ -136,6 +150,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             # secure what we run (gRPC TLS, client token, signed messages).
             security = Security.ensure(run_dir, tls=not args.no_tls,
                                        mqtt_tls=False if external else None,
+                                       mutual_tls=not args.no_mutual_tls,
                                        broker_auth=not external)
         except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
             print(f"cannot set up security under {run_dir}: {exc}\n"
@@ -155,7 +170,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                                       security=security, extra_conf="set_tcp_nodelay true")
         _write_pid(run_dir / "broker.pid", started_broker.pid)
         state["broker"] = {"host": HOST, "port": port, "pid": started_broker.pid, "owned": True,
-                           "log": str(started_broker.log_path), "conf": str(started_broker.conf_path)}
+                           "log": str(started_broker.log_path), "conf": str(started_broker.conf_path),
+                           "user": started_broker.user,
+                           "files_dir": str(started_broker.files_dir) if started_broker.files_dir else None}
         broker_host, broker_port = HOST, port
 
     servers: list[Server] = []
@@ -186,7 +203,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return 1
 
     b = state["broker"]
-    print(f"broker   {b['host']}:{b['port']}" + (f"  (pid {b['pid']}, log {b['log']})" if b["owned"] else ""))
+    print(f"broker   {b['host']}:{b['port']}" + (f"  (pid {b['pid']}, log {b['log']}"
+                                                   + (f", runs as {b['user']}" if b.get("user") else "")
+                                                   + ")" if b["owned"] else ""))
     for s in state["servers"]:
         print(f"server   {s['address']}  (pid {s['pid']}, log {s['log']}"
               + (f", data {s['data_dir']})" if s["data_dir"] else ", in-memory only)"))
@@ -194,7 +213,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if security:
         print(f"security {', '.join(security.enabled)}; secrets under {run_dir} (mode 0600)")
     else:
-        print("security OFF (--insecure): anonymous broker, no token, no TLS, unsigned messages")
+        print("security OFF (--insecure): anonymous broker, no credentials, no TLS, unsigned messages")
     print(f"clients: . {run_dir / CLIENT_ENV} && .venv/bin/python -m kvs_shell")
     print(f"more servers: (set -a; . {run_dir / SERVER_ENV}; ./server.sh PORT)")
     print(f"stop:    .venv/bin/python -m kvs_cluster down --dir {args.dir}")
@@ -210,13 +229,13 @@ def _write_env_files(run_dir: Path, security: Security | None, addresses: list[s
     if security:
         client.update(security.client_env())
         server.update(security.server_env())
-    unset = [v for v in _CLIENT_VARS if v not in client]
+    unset = [v for v in CLIENT_ENV_VARS if v not in client]
     text = env_file_text(client, "KVS client settings for the cluster in this directory "
                                  "(written by `python -m kvs_cluster up`).\n"
                                  "Use:  . ./client.env   (sh/bash), then run kvs_shell or client.sh")
     if unset:
         text += f"unset {' '.join(unset)}\n"
-    (run_dir / CLIENT_ENV).write_text(text)
+    (run_dir / CLIENT_ENV).write_text(text)   # paths only; 0600 under the launcher's umask
     (run_dir / SERVER_ENV).write_text(env_file_text(
         server, "KVS server settings for one more server of this cluster.\n"
                 "Use:  (set -a; . ./server.env; ./server.sh PORT)"))
@@ -251,18 +270,18 @@ def _status_line(address: str, security: Security | None = None) -> str:
         sys.path.insert(0, str(PROJECT_ROOT))
     try:
         import grpc
-        from kvs_proto import kvs_pb2, kvs_pb2_grpc
+
+        from kvs_common.channel import make_channel
+        from kvs_common.status import fetch_status
     except ImportError as exc:  # stubs not generated
         return f"(no status: {exc})"
     try:
-        with (security.channel(address) if security else grpc.insecure_channel(address)) as ch:
-            st = kvs_pb2_grpc.KVSExtStub(ch).Status(
-                kvs_pb2.StatusRequest(), timeout=2.0,
-                metadata=security.metadata() if security else None)
+        with (security.channel(address) if security else make_channel(address)) as ch:
+            st = fetch_status(ch, security.metadata() if security else None, timeout=2.0)
         return status_text(st)
     except grpc.RpcError as exc:
         return f"(status: {exc.code().name} {exc.details()})"
-    except OSError as exc:  # a secret / CA file went missing
+    except (OSError, ValueError) as exc:  # a secret / CA file went missing or is exposed
         return f"(status: {exc})"
 
 
@@ -295,6 +314,7 @@ def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:
         if not quiet:
             print(f"broker   {b['host']}:{b['port']}  pid {b['pid']}: {result}")
         (run_dir / "broker.pid").unlink(missing_ok=True)
+        privdrop.remove_copies(b.get("files_dir"))
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     return 0
 
@@ -314,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-persist", action="store_true", help="servers without a data directory")
     up.add_argument("--no-wait", action="store_true", help="do not wait for the servers to be SERVING")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    up.add_argument("--insecure", action="store_true",
-                    help="the course's plain mode: anonymous broker, no client token, no TLS, "
-                         "unsigned broker messages")
+    up.add_argument("--insecure", action="store_true", default=insecure_requested(),
+                    help="the course's plain mode: anonymous broker, no client credentials, no "
+                         "TLS, unsigned broker messages (default: on only if KVS_INSECURE=1)")
+    up.add_argument("--no-mutual-tls", action="store_true",
+                    help="gRPC clients need no certificate (a token is enough)")
     up.add_argument("--no-tls", action="store_true",
                     help="secure mode without TLS (token, broker password/ACL, signed messages)")
     up.add_argument("server_args", nargs=argparse.REMAINDER,
@@ -330,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--timeout", type=float, default=15.0)
 
     args = parser.parse_args(argv)
+    os.umask(0o077)  # everything this launcher and its processes create is ours alone
     if args.command == "up":
         if args.server_args and args.server_args[0] == "--":
             args.server_args = args.server_args[1:]

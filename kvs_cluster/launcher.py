@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
+from kvs_common.channel import make_channel
+
+from . import privdrop
+from .tools import find_tool, mosquitto_binary  # noqa: F401 - part of this module's API
+
+if TYPE_CHECKING:  # pragma: no cover - types only: security.py does not import this module
     from .security import Security
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -138,18 +142,29 @@ def _kill(proc: subprocess.Popen) -> int | None:
     return proc.returncode
 
 
-def find_tool(name: str, fallback: str) -> str:
-    """A Mosquitto program on PATH or at Debian's path (sbin is not always on PATH)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    if os.access(fallback, os.X_OK):
-        return fallback
-    raise FileNotFoundError(f"{name} not found: run ./compile.sh (apt-get install mosquitto)")
+def open_private(path: Path, append: bool = True):
+    """A log or config file only we can read (0600 whatever the umask): they name
+    paths of secrets and, for logs, whatever a process prints."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab" if append else "wb")
 
 
-def mosquitto_binary() -> str:
-    return find_tool("mosquitto", "/usr/sbin/mosquitto")
+def private_dir(path: Path) -> Path:
+    """``path``, every directory created on the way 0700 (existing ones are left alone)."""
+    missing = []
+    p = Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+            d.chmod(0o700)   # whatever the umask
+        except FileExistsError:
+            pass
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------
@@ -168,17 +183,19 @@ class Broker:
         self.conf_path = self.workdir / f"mosquitto-{port}.conf"
         self.log_path = self.workdir / f"mosquitto-{port}.log"
         self.proc: subprocess.Popen | None = None
+        self.user: str | None = None        # the account it runs as, when started by root
+        self.files_dir: Path | None = None  # its private copies of our files (root only)
 
     @classmethod
     def start(cls, port: int | None = None, workdir: Path | str | None = None,
               extra_conf: str = "", timeout: float = 10.0, detach: bool = False,
               security: "Security | None" = None) -> "Broker":
         """``security``: opt-in password_file/acl_file and a TLS-only listener
-        (see :class:`kvs_cluster.security.Security`); default: anonymous, plain."""
+        (see :class:`kvs_cluster.security.Security`); default: anonymous, plain.
+        Started by root, the broker runs as an unprivileged account (see privdrop)."""
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="kvs-broker-"))
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = private_dir(Path(workdir))
         broker = cls(port or free_port(), workdir, extra_conf, detach=detach, security=security)
         broker._launch(timeout)
         return broker
@@ -192,17 +209,28 @@ class Broker:
         return f"{HOST}:{self.port}"
 
     def _write_conf(self) -> None:
-        # Only what is needed to listen locally without auth; everything else
-        # (max_queued_messages 1000, persistence false, ...) stays at Mosquitto's defaults.
+        # Only what is needed to listen locally; everything else (max_queued_messages
+        # 1000, persistence false, ...) stays at Mosquitto's defaults.
         conf = f"listener {self.port} {HOST}\n"
-        conf += self.security.broker_conf() if self.security else "allow_anonymous true\n"
+        account = privdrop.broker_account()
+        files: dict[str, Path] = {}
+        privdrop.remove_copies(self.files_dir)
+        self.files_dir = None
+        if account is not None:
+            self.user = account.pw_name
+            conf += f"user {account.pw_name}\n"
+            wanted = self.security.broker_files() if self.security else {}
+            if wanted:
+                self.files_dir, files = privdrop.private_copies(wanted, account)
+        conf += self.security.broker_conf(files) if self.security else "allow_anonymous true\n"
         if self.extra_conf:
             conf += self.extra_conf.rstrip("\n") + "\n"
-        self.conf_path.write_text(conf)
+        with open_private(self.conf_path, append=False) as fh:
+            fh.write(conf.encode())
 
     def _launch(self, timeout: float) -> None:
         self._write_conf()
-        log = open(self.log_path, "ab")
+        log = open_private(self.log_path)
         try:
             self.proc = subprocess.Popen(
                 [mosquitto_binary(), "-c", str(self.conf_path)],
@@ -229,6 +257,7 @@ class Broker:
             return None
         code = _terminate(self.proc, timeout)
         self._wait_port_closed()
+        self._forget_copies()
         return code
 
     def kill(self) -> int | None:
@@ -236,7 +265,13 @@ class Broker:
             return None
         code = _kill(self.proc)
         self._wait_port_closed()
+        self._forget_copies()
         return code
+
+    def _forget_copies(self) -> None:
+        if not self.detach:  # a detached broker's copies go with `kvs_cluster down`
+            privdrop.remove_copies(self.files_dir)
+            self.files_dir = None
 
     def _wait_port_closed(self, timeout: float = 5.0) -> None:
         _poll_until(lambda: not port_open(self.port), timeout)
@@ -300,9 +335,9 @@ class Server:
             base = Path(data_dir).parent if data_dir else Path(tempfile.mkdtemp(prefix="kvs-server-"))
             log_path = base / f"server-{port}.log"
         log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(log_path.parent)
         if data_dir is not None:
-            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            private_dir(Path(data_dir))
         server = cls(port, broker_port, Path(data_dir) if data_dir else None, node_id,
                      tuple(extra_args), env, log_path, mqtt_host=mqtt_host, detach=detach,
                      python=python, security=security)
@@ -342,7 +377,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVS_")}
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.env)
-        log = open(self.log_path, "ab")
+        log = open_private(self.log_path)
         try:
             self.starts += 1
             log.write(f"\n===== launcher: start #{self.starts}: {' '.join(self.command())}\n".encode())
@@ -369,7 +404,7 @@ class Server:
         last = "no answer yet"
         interval = 0.05
         channel = (self.security.channel(self.address) if self.security is not None
-                   else grpc.insecure_channel(self.address))
+                   else make_channel(self.address))
         with channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -441,8 +476,8 @@ class Cluster:
                  security: "Security | None" = None):
         self.security = security
         self.n = n
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvs-cluster-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = private_dir(Path(workdir) if workdir else
+                                   Path(tempfile.mkdtemp(prefix="kvs-cluster-")))
         self.base_port = base_port
         self.persistent = persistent
         self.extra_args = tuple(extra_args)
@@ -491,8 +526,7 @@ class Cluster:
         """A grpc channel to ``address`` (TLS with the cluster's CA when it uses TLS)."""
         if self.security is not None:
             return self.security.channel(address, options)
-        import grpc
-        return grpc.insecure_channel(address, options=list(options))
+        return make_channel(address, options=options)
 
     def metadata(self) -> list[tuple[str, str]]:
         """Call metadata carrying the client token (empty when tokens are off)."""

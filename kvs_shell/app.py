@@ -20,6 +20,17 @@ def history_path() -> Path:
     return Path(os.environ.get(HISTORY_ENV) or Path.home() / ".kvs_shell_history")
 
 
+def private_history(path: Path) -> Path:
+    """Create the history file 0600, or make an existing one 0600: it holds values."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return path
+
+
 class Shell:
     """State of one shell: the client, output settings, and the completer's caches."""
 
@@ -43,6 +54,7 @@ class Shell:
         self.last_ok: bool | None = None
         self.session = None
         self._written: list[str] = []
+        self.identity = None  # client.Identity once the server told us (whoami)
 
     # -- Context for the command handlers --------------------------------------
     def connect(self, spec: str) -> str:
@@ -53,6 +65,7 @@ class Shell:
             raise C.UsageError(str(exc)) from None
         old, self.client = self.client, new
         old.close()
+        self.identity = None
         self.completer.reset()
         ready = new.wait_ready(timeout=min(2.0, self.timeout))
         where = ",".join(servers)
@@ -65,6 +78,25 @@ class Shell:
 
     def request_exit(self) -> None:
         self.exit_requested = True
+
+    def identified(self, identity) -> None:
+        self.identity = identity
+
+    def security_text(self) -> str:
+        """``TLS · admin [admin] via cert`` / ``plaintext, no credentials · ...``: the
+        connection's protection and who the server takes us for (if known yet)."""
+        text = self.client.security.describe()
+        if self.identity is not None:
+            text += f" · {self.identity.label()}"
+        return text
+
+    def ask_identity(self) -> str:
+        """Asks the server who we are (for the banner); '' or why it could not tell."""
+        try:
+            self.identified(self.client.whoami(timeout=min(2.0, self.timeout)))
+        except ClientError as exc:
+            return str(exc)
+        return ""
 
     # -- running commands -----------------------------------------------------
     def run_words(self, words: list[str], where: str = "") -> bool:
@@ -135,8 +167,16 @@ class Shell:
         state = self.client.state
         cls = {"connected": "class:bottom-toolbar.ok", "down": "class:bottom-toolbar.bad",
                "closed": "class:bottom-toolbar.bad"}.get(state, "class:bottom-toolbar.warn")
+        sec = self.client.security
         parts = [("class:bottom-toolbar", f" server {self.client.label} "),
-                 (cls, f"● {state} ")]
+                 (cls, f"● {state} "),
+                 ("class:bottom-toolbar", "│ "),
+                 ("class:bottom-toolbar.ok" if sec.tls else "class:bottom-toolbar.warn",
+                  "TLS " if sec.tls else "plaintext "),
+                 ("class:bottom-toolbar",
+                  f"{self.identity.label()} " if self.identity is not None
+                  else ("(credentials sent, identity not checked) " if sec.token or sec.tls_cert
+                        else "(no credentials) "))]
         if self.last_latency is not None:
             peer = f" via {self.client.last_peer}" if self.client.last_peer else ""
             parts.append(("class:bottom-toolbar",
@@ -167,9 +207,7 @@ class Shell:
 
         path = history_path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch(exist_ok=True)
-            history = FileHistory(str(path))
+            history = FileHistory(str(private_history(path)))
         except OSError:
             history = InMemoryHistory()
         self.session = PromptSession(
@@ -183,10 +221,16 @@ class Shell:
 
     def banner(self) -> None:
         from rich.text import Text
+        why = self.ask_identity()
+        tls = self.client.security.tls
         self.renderer.out.print(Text.assemble(
             ("KVS shell", "bold"), f" — {self.client.label}  ",
             ("help", "cyan"), " lists commands, TAB completes, Ctrl-R searches history, ",
             ("Ctrl-D", "cyan"), " exits."))
+        self.renderer.out.print(Text.assemble(
+            ("connection: ", "bold"), ("TLS" if tls else "plaintext", "green" if tls else "bold red"),
+            self.security_text()[len("TLS" if tls else "plaintext"):],
+            *(((f"  (identity unknown: {why})", "yellow"),) if why else ())))
 
     def run_interactive(self, input=None, output=None, banner: bool = True) -> int:
         session = self.session or self.make_session(input, output)

@@ -23,7 +23,10 @@ confirming with a quorum that it has every write acknowledged before (ReadIndex)
 
 Security (opt-in, see :class:`Security`): TLS with a given CA (optionally a
 client certificate for mutual TLS) and a bearer token sent as
-``authorization: Bearer <token>`` metadata on every call.  A client built without
+``authorization: Bearer <token>`` metadata on every call; channels, metadata keys
+and secret files come from :mod:`kvs_common`.  A refused call raises
+:class:`Unauthenticated` (no or unknown credential) or :class:`PermissionDenied`
+(known, but its roles do not allow it), each with the server's reason.  A client built without
 an explicit ``security`` uses the module default, which ``kvs_shell`` and
 ``client.sh`` set from their flags / environment (:func:`security_from`).
 """
@@ -38,24 +41,28 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import grpc
 
+from kvs_common import wire
+from kvs_common.channel import make_channel, read_pem
+from kvs_common.secretfile import SecretError, read_secret
+from kvs_common.status import fetch_status
+from kvs_common.wire import (CLIENT_CERT_ENV, CLIENT_KEY_ENV, CONSISTENCY_LEVELS, LINEARIZABLE,
+                             LOCAL, TLS_CA_ENV, TOKEN_ENV, TOKEN_FILE_ENV)
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
-ERROR_KEY = "kvs-error"
-REQUEST_ID_KEY = "kvs-request-id"
+ERROR_KEY = wire.ERROR
+REQUEST_ID_KEY = wire.REQUEST_ID
+NODE_KEY = wire.NODE  # optional trailing metadata: the node that answered
+CONSISTENCY_KEY = wire.CONSISTENCY  # request metadata of a read
 READ_YOUR_WRITES_WAIT = 1.0   # s a read waits for a lagging server to show our write
 READ_YOUR_WRITES_KEYS = 10_000  # keys whose last written version a session remembers
-NODE_KEY = "kvs-node"  # optional trailing metadata: the node that answered
-CONSISTENCY_KEY = "kvs-consistency"  # request metadata of a read
-LOCAL, LINEARIZABLE = "local", "linearizable"
-CONSISTENCY_LEVELS = (LOCAL, LINEARIZABLE)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
 DEFAULT_TIMEOUT = 5.0
-MAX_MESSAGE = 64 * 1024 * 1024
+MAX_MESSAGE = wire.CLIENT_MAX_MESSAGE
 
 
 # ---------------------------------------------------------------------------
@@ -89,6 +96,10 @@ class Unauthenticated(ClientError):
     """The server refused the call: missing or wrong token (or client certificate)."""
 
 
+class PermissionDenied(ClientError):
+    """The server knows who we are, and our roles do not allow the call."""
+
+
 class SecurityConfigError(ClientError, ValueError):
     """A token file / CA file that cannot be read."""
 
@@ -104,13 +115,6 @@ def is_no_quorum(reason: str) -> bool:
 # ---------------------------------------------------------------------------
 # security settings
 # ---------------------------------------------------------------------------
-TOKEN_ENV = "KVS_TOKEN"
-TOKEN_FILE_ENV = "KVS_TOKEN_FILE"
-TLS_CA_ENV = "KVS_TLS_CA"
-CLIENT_CERT_ENV = "KVS_CLIENT_CERT"
-CLIENT_KEY_ENV = "KVS_CLIENT_KEY"
-
-
 @dataclass(frozen=True)
 class Security:
     """How to reach the servers: plain (default) or TLS, with or without a token.
@@ -128,10 +132,15 @@ class Security:
         return self.tls_ca is not None
 
     def describe(self) -> str:
+        """What this client brings: ``TLS, client certificate, token`` ... ``plaintext, no
+        credentials``."""
         parts = ["TLS" if self.tls else "plaintext"]
         if self.tls_cert:
             parts.append("client certificate")
-        parts.append("token" if self.token else "no token")
+        if self.token:
+            parts.append("token")
+        if not self.tls_cert and not self.token:
+            parts.append("no credentials")
         return ", ".join(parts)
 
 
@@ -149,20 +158,11 @@ def default_security() -> Security:
     return _default_security
 
 
-def _read_file(path: str, what: str, text: bool) -> str | bytes:
+def _read_pem(path: str, what: str) -> bytes:
     try:
-        data = open(path, "rb").read()
+        return read_pem(path)
     except OSError as exc:
         raise SecurityConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if not text:
-        return data
-    try:
-        lines = data.decode("utf-8").strip().splitlines()
-    except UnicodeDecodeError:
-        raise SecurityConfigError(f"{what} {path} is not UTF-8 text") from None
-    if not lines or not lines[0].strip():
-        raise SecurityConfigError(f"{what} {path} is empty")
-    return lines[0].strip()
 
 
 def security_from(token: str | None = None, token_file: str | None = None,
@@ -178,10 +178,12 @@ def security_from(token: str | None = None, token_file: str | None = None,
     tok = token.strip() if token and token.strip() else None
     if tok is None:
         path = token_file or env.get(TOKEN_FILE_ENV) or None
-        if path:
-            tok = _read_file(path, "token file", text=True)
-        elif (env.get(TOKEN_ENV) or "").strip():
-            tok = env[TOKEN_ENV].strip()
+        try:
+            # the same rules as the servers': not readable by others, long enough
+            tok = (read_secret(path, TOKEN_ENV, what="token") if path
+                   else _env_token(env))
+        except SecretError as exc:
+            raise SecurityConfigError(str(exc)) from None
     if tok is not None and any(c in tok for c in "\r\n\0"):
         raise SecurityConfigError("the token must be one line of text")
     ca_path = tls_ca or env.get(TLS_CA_ENV) or None
@@ -193,10 +195,15 @@ def security_from(token: str | None = None, token_file: str | None = None,
         raise SecurityConfigError("a client certificate needs --tls-ca (or $KVS_TLS_CA)")
     return Security(
         token=tok,
-        tls_ca=_read_file(ca_path, "CA file", text=False) if ca_path else None,
-        tls_cert=_read_file(cert_path, "certificate", text=False) if cert_path else None,
-        tls_key=_read_file(key_path, "key", text=False) if key_path else None,
+        tls_ca=_read_pem(ca_path, "CA file") if ca_path else None,
+        tls_cert=_read_pem(cert_path, "certificate") if cert_path else None,
+        tls_key=_read_pem(key_path, "key") if key_path else None,
         server_name=server_name or None)
+
+
+def _env_token(env) -> str | None:
+    value = (env.get(TOKEN_ENV) or "").strip()
+    return value or None
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +308,24 @@ class MemberRemoval:
     @property
     def no_quorum(self) -> bool:
         return is_no_quorum(self.error)
+
+
+@dataclass
+class Identity:
+    """Who the server takes us for (WhoAmI), and whether this client uses TLS."""
+    name: str
+    roles: list[str]
+    method: str  # token | cert | none | peer
+    admin: bool = False
+    read_prefixes: list[str] = field(default_factory=list)
+    write_prefixes: list[str] = field(default_factory=list)
+    tls: bool = False  # the server saw this call arrive over TLS
+    server: str = ""   # the server that answered
+
+    def label(self) -> str:
+        """``admin [admin] via token``: for the banner and the toolbar."""
+        roles = ",".join(self.roles) or "no roles"
+        return f"{self.name or 'anonymous'} [{roles}] via {self.method or 'none'}"
 
 
 def _members(msgs) -> list[Member]:
@@ -432,60 +457,14 @@ def grpc_target(addresses: Sequence[str]) -> str:
     return "ipv4:" + ",".join(_resolve_ipv4(a) for a in addresses)
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds ``authorization: Bearer <token>`` to every call."""
-
-    def __init__(self, token: str):
-        self._md = ("authorization", f"Bearer {token}")
-
-    def _details(self, d):
-        md = [m for m in (d.metadata or ()) if m[0] != "authorization"] + [self._md]
-        return _CallDetails(d.method, d.timeout, md, d.credentials,
-                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class _CallDetails(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
-        self.method = method
-        self.timeout = timeout
-        self.metadata = metadata
-        self.credentials = credentials
-        self.wait_for_ready = wait_for_ready
-        self.compression = compression
-
-
 def secure_channel(target: str, security: Security, options=(),
                    server_name: str | None = None) -> grpc.Channel:
     """A channel to ``target`` with ``security``: TLS when it has a CA, the token on
     every call when it has one.  ``server_name``: the name the server certificate
     must carry (needed for multi-address ``ipv4:`` targets)."""
-    opts = list(options)
-    if security.tls:
-        name = security.server_name or server_name
-        if name:
-            opts.append(("grpc.ssl_target_name_override", name))
-        creds = grpc.ssl_channel_credentials(root_certificates=security.tls_ca,
-                                             private_key=security.tls_key,
-                                             certificate_chain=security.tls_cert)
-        channel = grpc.secure_channel(target, creds, options=opts)
-    else:
-        channel = grpc.insecure_channel(target, options=opts)
-    if security.token:
-        channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
-    return channel
+    return make_channel(target, tls_ca=security.tls_ca, cert=security.tls_cert,
+                        key=security.tls_key, options=options, token=security.token,
+                        server_name=security.server_name or server_name)
 
 
 def _host(address: str) -> str:
@@ -501,7 +480,6 @@ def _channel(target: str, security: Security = PLAIN, server_name: str | None = 
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.enable_http_proxy", 0),
     ], server_name=server_name)
 
 
@@ -529,8 +507,12 @@ def _translate(exc: grpc.RpcError, where: str) -> ClientError:
     if is_no_quorum(msg):  # a server that answered, not one that is unreachable
         return NoQuorum(f"server {where}: {msg}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return Unauthenticated(f"authentication failed: {details or 'missing or invalid token'}"
-                               " (give the token with --token-file/--token or $KVS_TOKEN_FILE/$KVS_TOKEN)")
+        return Unauthenticated(f"not authenticated: {details or 'no valid credential'} (give a "
+                               "token with --token-file or $KVS_TOKEN_FILE, or a client "
+                               "certificate with --tls-cert/--tls-key)")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"permission denied: {details or 'not allowed'} "
+                                "(`whoami` shows what this identity may do)")
     if code == grpc.StatusCode.UNAVAILABLE:
         low = msg.lower()
         if "ssl" in low or "tls" in low or "handshake" in low or "certificate" in low:
@@ -667,6 +649,11 @@ class Client:
         if (isinstance(err, ServerUnavailable) and not self.security.tls and not self._answered
                 and "socket closed" in str(err).lower()):
             err = ServerUnavailable(f"{err}; if the server uses TLS, give --tls-ca (or $KVS_TLS_CA)")
+        elif (isinstance(err, ServerUnavailable) and self.security.tls and not self.security.tls_cert
+                and not self._answered and "socket closed" in str(err).lower()):
+            # a server requiring mutual TLS closes the handshake of a client without a certificate
+            err = ServerUnavailable(f"{err}; if the server requires client certificates (mutual "
+                                    "TLS), give --tls-cert/--tls-key (or $KVS_CLIENT_CERT/KEY)")
         if isinstance(err, (ServerUnavailable, ServerTimeout)):
             self._state = "down"
         return err
@@ -800,16 +787,23 @@ class Client:
                               timeout=timeout)
         return KeyList(list(resp.keys), bool(resp.truncated))
 
-    def _status_stub(self, address: str):
+    def _status_channel(self, address: str):
         with self._lock:
             ch = self._status_channels.get(address)
             if ch is None:
                 # one channel per server: Status must reach *that* server
                 ch = secure_channel(_resolve_ipv4(address), self.security,
-                                    options=[("grpc.enable_http_proxy", 0)],
                                     server_name=_host(address))
                 self._status_channels[address] = ch
-        return kvs_pb2_grpc.KVSExtStub(ch)
+        return ch
+
+    def whoami(self, timeout: float | None = None) -> Identity:
+        """The identity the server sees for this client (KVSExt.WhoAmI)."""
+        if not hasattr(kvs_pb2, "WhoAmIRequest"):
+            raise Unsupported("these gRPC stubs have no WhoAmI: run ./compile.sh")
+        r, _ = self._unary(self._ext.WhoAmI, kvs_pb2.WhoAmIRequest(), timeout=timeout)
+        return Identity(r.name, list(r.roles), r.method, r.admin, list(r.read_prefixes),
+                        list(r.write_prefixes), r.tls, self.last_peer or self.label)
 
     def member_list(self, timeout: float | None = None) -> MemberList:
         """The cluster's members as the answering server knows them."""
@@ -839,8 +833,7 @@ class Client:
     def node_status(self, address: str, timeout: float = 1.5) -> NodeStatus:
         """Status of one server (``up=False`` with the reason when it cannot be reached)."""
         try:
-            stub = self._status_stub(address)
-            r = stub.Status(kvs_pb2.StatusRequest(), timeout=timeout)
+            r = fetch_status(self._status_channel(address), timeout=timeout)
         except BadTarget as exc:
             return NodeStatus(address, False, error=str(exc))
         except grpc.RpcError as exc:

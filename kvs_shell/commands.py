@@ -37,6 +37,7 @@ class Context(Protocol):  # what handlers need from the shell
     def connect(self, spec: str) -> str: ...
     def wrote(self, keys: Sequence[str]) -> None: ...
     def request_exit(self) -> None: ...
+    def identified(self, identity: Any) -> None: ...
 
 
 # argument kinds drive completion and highlighting; a kind with a "|" is a fixed choice
@@ -290,6 +291,12 @@ def _best_effort_members(ctx: Context) -> list:
         return []
 
 
+def do_whoami(ctx: Context, args: list[str]) -> Outcome:
+    ident = ctx.client.whoami()
+    ctx.identified(ident)
+    return Outcome("whoami", ident, extra={"security": ctx.client.security.describe()})
+
+
 def do_consistency(ctx: Context, args: list[str]) -> Outcome:
     if args:
         level = args[0].lower()
@@ -383,6 +390,12 @@ COMMANDS: list[Command] = [
             "cluster to remove NODE (a configuration change through the log) and shows the new "
             "list; the cluster may refuse (e.g. an unknown node, or no quorum), which is a failed "
             "command.", "member remove node-9003", do_member, (MEMBER_ACTION, NODE), 0, 2),
+    Command("whoami", (), "whoami", "who the server takes you for, and what you may do",
+            "Asks the server which identity it sees for this shell (from the token or the "
+            "client certificate), its roles, the key prefixes it may read and write, how it "
+            "was authenticated, and whether the connection uses TLS. A denied command says "
+            "`not authenticated` (no or unknown credential) or `permission denied` (known, "
+            "but the roles do not allow it).", "whoami", do_whoami, (), 0, 0),
     Command("consistency", (), "consistency [local|linearizable]", "how reads are served (show or switch)",
             "local (the default): get, mget and snapshot answer from the state of the server "
             "that takes the call. linearizable: they send kvs-consistency: linearizable, and the "

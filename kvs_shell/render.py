@@ -350,6 +350,26 @@ class Renderer:
             if views is not None:
                 self.out.print(views)
 
+    # -- identity ---------------------------------------------------------------------
+    def _r_whoami(self, o: Outcome) -> None:
+        rows = whoami_rows(o.data, o.extra.get("security", ""))
+        if self.fmt == "json":
+            self._json({"name": o.data.name, "roles": o.data.roles, "method": o.data.method,
+                        "admin": o.data.admin, "read_prefixes": o.data.read_prefixes,
+                        "write_prefixes": o.data.write_prefixes, "tls": o.data.tls,
+                        "connection": o.extra.get("security", ""), "server": o.data.server})
+        elif self.fmt == "plain":
+            for k, v in rows:
+                self._line(k, v)
+        else:
+            t = Table(title="whoami", title_justify="left", show_header=False)
+            t.add_column(style="bold")
+            t.add_column()
+            for k, v in rows:
+                style = ("green" if v.startswith("TLS") else "bold red") if k == "connection" else ""
+                t.add_row(k, Text(v, style=style))
+            self.out.print(t)
+
     # -- membership -----------------------------------------------------------------
     def _r_members(self, o: Outcome) -> None:
         ml = o.data
@@ -436,6 +456,26 @@ NOT_SERVED = "(not served)"
 _ROLE_STYLE = {"leader": "bold green", "candidate": "yellow", "pre-candidate": "yellow",
                "learner": "cyan"}
 _STATE_STYLE = {"in-step": "green", "no-quorum": "red", "removed": "red"}
+
+
+def prefixes_text(prefixes, admin: bool) -> str:
+    """Key prefixes for people: "" is every key."""
+    if admin:
+        return "every key (admin)"
+    if "" in prefixes:
+        return "every key"
+    return ", ".join(repr(p) for p in prefixes) or "none"
+
+
+def whoami_rows(ident, connection: str) -> list[tuple[str, str]]:
+    return [("name", ident.name or "anonymous"),
+            ("roles", ", ".join(ident.roles) or "none"),
+            ("method", ident.method or "none"),
+            ("read", prefixes_text(ident.read_prefixes, ident.admin)),
+            ("write", prefixes_text(ident.write_prefixes, ident.admin)),
+            ("tls", "yes" if ident.tls else "no"),
+            ("connection", connection),
+            ("server", ident.server or "-")]
 
 
 def member_row(m) -> dict:

@@ -12,15 +12,26 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kvs_common import wire
 from kvs_proto import kvs_pb2_grpc
 
+from kvs_common.secretfile import read_secret
+
+from .auth import Authority, Policy
 from .node import Node, NodeConfig
 from .peers import PeerClients
-from .security import TokenAuthInterceptor, channel_credentials, read_secret, server_credentials
+from .security import server_credentials
 from .service import KVSExtServicer, KVSServicer, ReplicaServicer
 from .transport import BrokerConfig
 
-DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE
+# Bounds (docs/security.md): each in-flight RPC may hold a --max-message request.
+DEFAULT_MAX_RPCS = 256
+DEFAULT_MAX_STREAMS = 128          # per connection
+DEFAULT_IDLE_S = 300               # a connection without calls is closed after this
+DEFAULT_AGE_S = 3600               # every connection is closed (GOAWAY) after this ...
+DEFAULT_AGE_GRACE_S = 300          # ... once its calls ended or after this much more
+DEFAULT_HANDSHAKE_S = 5            # TLS handshake + HTTP/2 preface must finish within this
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="CA that signed the peers' certificates (server-to-server repair)")
     sec.add_argument("--token-file", default=env("KVS_TOKEN_FILE"),
                      help="clients must send this bearer token (else $KVS_TOKEN; none: open)")
+    sec.add_argument("--peer-token-file", default=env("KVS_PEER_TOKEN_FILE"),
+                     help="servers present this token to each other; only it may call Replica")
+    sec.add_argument("--auth-file", default=env("KVS_AUTH_FILE"),
+                     help="users and roles (JSON, mode 0600); reloaded on SIGHUP")
     sec.add_argument("--mqtt-username", default=env("KVS_MQTT_USERNAME"))
     sec.add_argument("--mqtt-password-file", default=env("KVS_MQTT_PASSWORD_FILE"),
                      help="broker password (else $KVS_MQTT_PASSWORD)")
@@ -63,6 +78,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sec.add_argument("--cluster-secret-file", default=env("KVS_CLUSTER_SECRET_FILE"),
                      help="shared secret: every broker message carries an HMAC "
                           "(else $KVS_CLUSTER_SECRET; none: unsigned)")
+    lim = p.add_argument_group("bounds")
+    lim.add_argument("--max-concurrent-rpcs", type=int,
+                     default=int(env("KVS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_RPCS))),
+                     help=f"calls in progress at once; more get RESOURCE_EXHAUSTED "
+                          f"(default {DEFAULT_MAX_RPCS})")
+    lim.add_argument("--max-streams-per-connection", type=int,
+                     default=int(env("KVS_MAX_STREAMS", str(DEFAULT_MAX_STREAMS))),
+                     help=f"HTTP/2 streams per connection (default {DEFAULT_MAX_STREAMS})")
+    lim.add_argument("--max-connection-idle", type=float,
+                     default=float(env("KVS_MAX_CONNECTION_IDLE", str(DEFAULT_IDLE_S))),
+                     help=f"seconds a connection without calls stays open (default {DEFAULT_IDLE_S})")
+    lim.add_argument("--max-connection-age", type=float,
+                     default=float(env("KVS_MAX_CONNECTION_AGE", str(DEFAULT_AGE_S))),
+                     help=f"seconds before a connection must reconnect (default {DEFAULT_AGE_S}; "
+                          f"its calls get {DEFAULT_AGE_GRACE_S} s more)")
+    lim.add_argument("--handshake-timeout", type=float,
+                     default=float(env("KVS_HANDSHAKE_TIMEOUT", str(DEFAULT_HANDSHAKE_S))),
+                     help=f"seconds for a new connection's TLS handshake and HTTP/2 preface "
+                          f"(default {DEFAULT_HANDSHAKE_S})")
+    lim.add_argument("--bdp-probe", action="store_true",
+                     default=env("KVS_BDP_PROBE", "") == "1",
+                     help="let HTTP/2 windows grow (faster large transfers over long links, but "
+                          "strangers' requests then cost up to their size in memory before the "
+                          "credential is checked); default off: 64 KiB per stream")
     p.add_argument("--log-level", default=env("KVS_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     a.node_id = a.node_id or f"node-{a.port}"
@@ -71,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Data, snapshots and anything else this process creates: owner only.
+    os.umask(0o077)
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
@@ -100,32 +141,49 @@ async def serve(args: argparse.Namespace) -> int:
         loop.create_task(health_servicer.set("", status))
 
     try:
-        token = read_secret(args.token_file, "KVS_TOKEN")
-        mqtt_password = read_secret(args.mqtt_password_file, "KVS_MQTT_PASSWORD")
-        cluster_secret = read_secret(args.cluster_secret_file, "KVS_CLUSTER_SECRET")
+        token = read_secret(args.token_file, "KVS_TOKEN", what="client token")
+        peer_token = read_secret(args.peer_token_file, "KVS_PEER_TOKEN", what="peer token")
+        mqtt_password = read_secret(args.mqtt_password_file, "KVS_MQTT_PASSWORD",
+                                    what="broker password")
+        cluster_secret = read_secret(args.cluster_secret_file, "KVS_CLUSTER_SECRET",
+                                     what="cluster secret")
+        auth_sources = (args.auth_file, token, peer_token)
+        auth = Authority(Policy.build(*auth_sources) if any(auth_sources) else None,
+                         *auth_sources)
     except (OSError, ValueError) as e:
         log.error("cannot read a secret: %s", e)
         return 2
+    if token and peer_token and token == peer_token:
+        log.error("the client token and the peer token must differ")
+        return 2
+    if auth.enabled and not (peer_token or token):
+        log.warning("no --peer-token-file: peers cannot fetch state from this server")
     cfg = NodeConfig(node_id=args.node_id, address=args.advertise, cluster=args.cluster,
                      write_timeout=args.write_timeout)
     broker = BrokerConfig(host=args.mqtt_host, port=args.mqtt_port, username=args.mqtt_username,
                           password=mqtt_password, tls_ca=args.mqtt_tls_ca,
                           secret=cluster_secret.encode() if cluster_secret else None)
     # With mutual TLS a server presents its own certificate to its peers.
-    peer_creds = (channel_credentials(args.tls_ca, args.tls_cert if args.tls_client_ca else None,
-                                      args.tls_key if args.tls_client_ca else None)
-                  if args.tls_ca else None)
-    peers = PeerClients(peer_creds, token)
+    mutual = bool(args.tls_ca and args.tls_client_ca)
+    peers = PeerClients(args.tls_ca, args.tls_cert if mutual else None,
+                        args.tls_key if mutual else None, peer_token or token)
     node = Node(cfg, broker, datadir=datadir, peers=peers, on_state=on_state)
 
     server = grpc.aio.server(
-        interceptors=[TokenAuthInterceptor(token)] if token else None,
+        interceptors=[auth.interceptor()] if auth.enabled else None,
+        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", args.max_message),
                  ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                 ("grpc.max_concurrent_streams", args.max_streams_per_connection),
+                 ("grpc.max_connection_idle_ms", int(args.max_connection_idle * 1000)),
+                 ("grpc.max_connection_age_ms", int(args.max_connection_age * 1000)),
+                 ("grpc.max_connection_age_grace_ms", DEFAULT_AGE_GRACE_S * 1000),
+                 ("grpc.server_handshake_timeout_ms", int(args.handshake_timeout * 1000)),
+                 ("grpc.http2.bdp_probe", int(args.bdp_probe)),
                  ("grpc.so_reuseport", 0)])
     kvs_pb2_grpc.add_KVSServicer_to_server(
-        KVSServicer(node, cfg.write_timeout, args.max_key_len, args.max_value_len), server)
-    kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(node, peers), server)
+        KVSServicer(node, cfg.write_timeout, args.max_key_len, args.max_value_len, auth), server)
+    kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(node, peers, auth), server)
     kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(node), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = f"{args.host}:{args.port}"
@@ -147,10 +205,11 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", e)
         return 2
     await server.start()
-    log.info("serving gRPC on %s:%d%s (broker %s:%d%s, data dir %s, tokens %s, signed messages %s)",
+    log.info("serving gRPC on %s:%d%s (broker %s:%d%s, data dir %s, authentication %s, "
+             "signed messages %s)",
              args.host, args.port, " with TLS" if args.tls_cert else "", args.mqtt_host,
              args.mqtt_port, " with TLS" if args.mqtt_tls_ca else "",
-             args.data_dir or "none: in memory only", "on" if token else "off",
+             args.data_dir or "none: in memory only", "on" if auth.enabled else "off",
              "on" if cluster_secret else "off")
 
     stop = asyncio.Event()
@@ -161,6 +220,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, auth.reload)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2)

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import grpc
 
+from kvs_common.channel import bearer, make_channel
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
 _PEER_OPTIONS = [
@@ -18,10 +19,11 @@ _PEER_OPTIONS = [
 class PeerClients:
     """One cached channel per peer address."""
 
-    def __init__(self, credentials: grpc.ChannelCredentials | None = None,
-                 token: str | None = None):
-        self._credentials = credentials
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+    def __init__(self, tls_ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, peer_token: str | None = None):
+        self._tls = (tls_ca, cert, key)
+        # Peers call as "peer" (server/auth.py): Replica and forwarded MemberRemove need it.
+        self._metadata = bearer(peer_token) if peer_token else None
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -29,11 +31,9 @@ class PeerClients:
         with self._lock:
             ch = self._channels.get(addr)
             if ch is None:
-                if self._credentials is not None:
-                    ch = grpc.secure_channel(addr, self._credentials, options=_PEER_OPTIONS)
-                else:
-                    ch = grpc.insecure_channel(addr, options=_PEER_OPTIONS)
-                self._channels[addr] = ch
+                tls_ca, cert, key = self._tls
+                ch = self._channels[addr] = make_channel(addr, tls_ca=tls_ca, cert=cert, key=key,
+                                                         options=_PEER_OPTIONS)
             return ch
 
     def status(self, addr: str, timeout: float = 1.0) -> kvs_pb2.NodeStatus:

@@ -214,6 +214,11 @@ class _Replay:
 
 
 # ---- file helpers ---------------------------------------------------------------------
+def _private(path, flags: int) -> int:
+    """``open`` opener: files of the data dir are the owner's only, whatever the umask."""
+    return os.open(path, flags, 0o600)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -373,7 +378,7 @@ def _write_snapshot_file(state: SnapshotState, directory: Path, fsync: bool) -> 
     header = {"format": SNAP_FORMAT, "version": SNAP_VERSION, "index": state.index,
               "term": state.term, "meta": state.meta}
     try:
-        with open(tmp, "wb", buffering=0) as raw:
+        with open(tmp, "wb", buffering=0, opener=_private) as raw:
             crc = total = count = 0
             buf = [_ENC.encode(header).encode() + b"\n"]
             buffered = len(buf[0])
@@ -428,8 +433,9 @@ class DataDir:
         self.path = Path(path)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)   # a launcher may have made it with its umask
+        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -639,7 +645,8 @@ class DataDir:
         self._hard = hard
         if self._segments:
             last_seg = self._segments[-1]
-            self._active = open(self.path / last_seg.name, "ab", buffering=_WRITE_BUFFER)
+            self._active = open(self.path / last_seg.name, "ab", buffering=_WRITE_BUFFER,
+                                opener=_private)
             self._active_bytes = self._active.tell()
             # Adopted from the damaged part, clamped, or only in an older segment
             # (the last one was torn before its first record): record it in the last.
@@ -663,7 +670,7 @@ class DataDir:
             moved.append(self._quarantine(path).name)
         elif cut < path.stat().st_size:
             dest = _unique(self._qdir() / f"{path.name}.from-{cut}")
-            with open(path, "rb") as src, open(dest, "wb") as out:
+            with open(path, "rb") as src, open(dest, "wb", opener=_private) as out:
                 src.seek(cut)
                 shutil.copyfileobj(src, out, _SNAP_CHUNK)
             moved.append(dest.name)
@@ -673,7 +680,7 @@ class DataDir:
 
     def _qdir(self) -> Path:
         q = self.path / "quarantine"
-        q.mkdir(exist_ok=True)
+        q.mkdir(mode=0o700, exist_ok=True)
         return q
 
     def _quarantine(self, path: Path) -> Path:
@@ -698,7 +705,8 @@ class DataDir:
         (its name must survive a crash before records in it are relied on)."""
         self._max_number += 1
         seg = _Segment(self._max_number)
-        f = open((directory or self.path) / seg.name, "xb", buffering=_WRITE_BUFFER)
+        f = open((directory or self.path) / seg.name, "xb", buffering=_WRITE_BUFFER,
+                 opener=_private)
         f.write(LOG_MAGIC)
         f.write(_hard_record(self._hard))
         f.flush()
@@ -831,7 +839,7 @@ class DataDir:
                 self._active = None
                 if staging.exists():
                     shutil.rmtree(staging)
-                staging.mkdir()
+                staging.mkdir(mode=0o700)
                 snap = _write_snapshot_file(state, staging, self.fsync)
                 self._segments = []
                 self._hard = hard_state
@@ -847,7 +855,8 @@ class DataDir:
                 if self.fsync:
                     _fsync_dir(self.path)
                 self._finish_reset([])
-                self._active = open(self.path / names[1], "ab", buffering=_WRITE_BUFFER)
+                self._active = open(self.path / names[1], "ab", buffering=_WRITE_BUFFER,
+                                    opener=_private)
                 self._active_bytes = self._active.tell()
             except BaseException as e:
                 self._failed = e
@@ -868,7 +877,7 @@ class DataDir:
         """Atomically replace ``meta-<name>.json`` (tmp file, fsync, rename)."""
         final = self.path / f"meta-{name}.json"
         tmp = final.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", opener=_private) as f:
             json.dump(value, f)
             f.flush()
             if self.fsync:

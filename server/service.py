@@ -20,18 +20,20 @@ import time
 
 import grpc
 
+from kvs_common import wire
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
+from .auth import OPEN_AUTHORITY, READ, WRITE, Authority
 from .node import Node, NotLeader
 from .store import INT32_MAX, InvalidInput, check_key, check_value
 from .waiters import Outcome
 
 log = logging.getLogger(__name__)
 
-ERROR_KEY = "kvs-error"
-NODE_KEY = "kvs-node"
-REQUEST_ID_KEY = "kvs-request-id"   # a client's idempotency key for a write
-CONSISTENCY_KEY = "kvs-consistency"  # "linearizable": Raft ReadIndex before reading
+ERROR_KEY = wire.ERROR
+NODE_KEY = wire.NODE
+REQUEST_ID_KEY = wire.REQUEST_ID           # a client's idempotency key for a write
+CONSISTENCY_KEY = wire.CONSISTENCY         # "linearizable": Raft ReadIndex before reading
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
@@ -62,8 +64,23 @@ def linearizable(context) -> bool:
     """The call asked for ``kvs-consistency: linearizable`` (anything else: local)."""
     for key, value in context.invocation_metadata() or ():
         if key == CONSISTENCY_KEY:
-            return value == "linearizable"
+            return value == wire.LINEARIZABLE
     return False
+
+
+async def _require(auth: Authority, context, access: str, key: str) -> None:
+    """Ends the call with PERMISSION_DENIED unless the caller may ``access`` ``key``."""
+    reason = auth.denied(access, key)
+    if reason is not None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+
+
+class _Denied:
+    """A stream item the caller may not write: the stream ends there."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 class _Errors:
@@ -94,8 +111,10 @@ class _Errors:
 
 class KVSServicer(kvs_pb2_grpc.KVSServicer):
     def __init__(self, node: Node, write_timeout: float,
-                 max_key_len: int | None = None, max_value_len: int | None = None):
+                 max_key_len: int | None = None, max_value_len: int | None = None,
+                 auth: Authority = OPEN_AUTHORITY):
         self.log = node
+        self.auth = auth
         _Errors.node = node.node
         self.write_timeout = write_timeout
         self.max_key_len = max_key_len
@@ -168,9 +187,11 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         return kvs_pb2.Tupla(chave=req.chave, valor=found.value, versao=found.number), ""
 
     async def Insere(self, request, context):
+        await _require(self.auth, context, WRITE, request.chave)
         return await self._unary(context, self._start_put, request)
 
     async def Remove(self, request, context):
+        await _require(self.auth, context, WRITE, request.chave)
         return await self._unary(context, self._start_del, request)
 
     async def _unary(self, context, start, request) -> kvs_pb2.Versao:
@@ -188,6 +209,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
         return kvs_pb2.Versao(versao=out.version)
 
     async def Consulta(self, request, context):
+        await _require(self.auth, context, READ, request.chave)
         errors = _Errors(context)
         try:
             tupla, reason = await self._lookup(request, await self._read_gate(context))
@@ -225,6 +247,10 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             n = 0
             try:
                 async for req in requests:
+                    reason = self.auth.denied(WRITE, req.chave)
+                    if reason is not None:   # earlier changes stand; nothing after is read
+                        started.put_nowait(_Denied(reason))
+                        return
                     await window.acquire()
                     try:
                         started.put_nowait(start(req, rid and f"{rid}.{n}"))
@@ -245,6 +271,8 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
                 item = await started.get()
                 if item is done:
                     break
+                if isinstance(item, _Denied):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, item.reason)
                 if isinstance(item, Exception):
                     if not isinstance(item, grpc.RpcError):
                         errors.add(f"stream error: {item}")
@@ -266,6 +294,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             # One gate per stream: linearizable as of the stream's start.
             gate = await self._read_gate(context)
             async for req in request_iterator:
+                await _require(self.auth, context, READ, req.chave)
                 try:
                     tupla, reason = await self._lookup(req, gate)
                 except Exception as e:
@@ -287,8 +316,11 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
                 yield _blank("")
                 return
             version = request.versao if request.versao > 0 else None
+            readable = self.auth.read_filter()
             # One consistent cut, taken off the loop (100k keys take a while).
             rows = await asyncio.to_thread(self.log.reader.snapshot_rows, version)
+            if readable is not None:   # only the caller's keys
+                rows = [r for r in rows if readable(r[0])]
             if not rows:
                 yield _blank("")
                 return
@@ -309,14 +341,16 @@ def _members(rows: list[dict]) -> list:
 
 
 class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
-    def __init__(self, node: Node, peers=None):
+    def __init__(self, node: Node, peers=None, auth: Authority = OPEN_AUTHORITY):
         self.log = node
         self.peers = peers
+        self.auth = auth
         # MemberRemove replies by request id: a client's retry after a lost answer gets
         # the first reply, not "not a member".
         self._removals: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     async def History(self, request, context):
+        await _require(self.auth, context, READ, request.chave)
         versions, top = self.log.reader.history(request.chave)
         return kvs_pb2.KeyHistory(
             chave=request.chave, max_version=min(top, INT32_MAX),
@@ -325,8 +359,23 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def ListKeys(self, request, context):
         limit = min(request.limit or 1000, 100_000)
-        keys, truncated = self.log.reader.keys(request.prefix, limit, request.start_after or None)
+        after = request.start_after or None
+        readable = self.auth.read_filter()
+        keys, truncated = self.log.reader.keys(request.prefix, limit, after)
+        if readable is not None:   # only the caller's keys: page on until the limit is met
+            out = [k for k in keys if readable(k)]
+            while truncated and keys and len(out) < limit:
+                keys, truncated = self.log.reader.keys(request.prefix, limit, keys[-1])
+                out += [k for k in keys if readable(k)]
+            keys, truncated = out[:limit], truncated or len(out) > limit
         return kvs_pb2.KeyList(keys=keys, truncated=truncated)
+
+    async def WhoAmI(self, request, context):
+        who = self.auth.caller()
+        tls = context.auth_context().get("transport_security_type") == [b"ssl"]
+        return kvs_pb2.Identity(name=who.name, roles=list(who.roles), method=who.method,
+                                admin=who.admin, read_prefixes=list(who.read_prefixes),
+                                write_prefixes=list(who.write_prefixes), tls=tls)
 
     async def Status(self, request, context):
         s = self.log.status()

@@ -24,6 +24,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from kvs_common.keys import MQTT_MAC, derive_key
+
 log = logging.getLogger(__name__)
 
 MAC_PROPERTY = "kvs-mac"
@@ -51,22 +53,37 @@ class BrokerConfig:
     secret: bytes | None = None      # cluster secret: every message carries an HMAC
 
 
+def mac_key(secret: bytes) -> bytes:
+    """The HMAC key of broker messages: derived from the cluster secret with
+    HKDF, never the secret itself.  Servers from before this keyed the MAC with
+    the raw secret; they and newer servers refuse each other's messages, so a
+    cluster upgrades all its servers together."""
+    return derive_key(secret, MQTT_MAC)
+
+
 def message_mac(secret: bytes, topic: str, payload: bytes) -> str:
+    """The kvs-mac value a server holding the cluster ``secret`` puts on a
+    message (for tools and tests; the transport derives its key once)."""
+    return _mac(mac_key(secret), topic, payload)
+
+
+def _mac(key: bytes, topic: str, payload: bytes) -> str:
     """HMAC-SHA256 over topic and payload (binding the topic stops a valid
     document from being replayed on another topic)."""
-    return hmac.new(secret, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
+    return hmac.new(key, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
 
 
-def _authentic(secret: bytes, topic: str, payload: bytes, props) -> bool:
-    """Exactly one kvs-mac user property, and it matches.  Never raises: the
-    properties are whatever a stranger chose to send."""
+def _authentic(key: bytes, topic: str, payload: bytes, props) -> bool:
+    """Exactly one kvs-mac user property, and it matches the MAC under ``key``
+    (see mac_key).  Never raises: the properties are whatever a stranger chose
+    to send."""
     try:
         macs = [v for k, v in (getattr(props, "UserProperty", None) or ()) if k == MAC_PROPERTY]
         if len(macs) != 1 or not isinstance(macs[0], str) or len(macs[0]) != 64:
             return False
         # bytes, not str: compare_digest raises TypeError on non-ASCII text
         return hmac.compare_digest(macs[0].encode("utf-8", "replace"),
-                                   message_mac(secret, topic, payload).encode())
+                                   _mac(key, topic, payload).encode())
     except Exception:
         return False
 
@@ -133,6 +150,7 @@ class MqttTransport:
         self._task: asyncio.Task | None = None
         self._throttle = _Throttle(_WARN_PERIOD)
         self._tls = self._tls_context(cfg) if cfg.tls_ca else None
+        self._mac_key = mac_key(cfg.secret) if cfg.secret else None   # once, not per message
 
         # MQTT 5 for the no-local subscription option: a server does not get
         # its own messages echoed back.
@@ -217,10 +235,10 @@ class MqttTransport:
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def _signed(self, topic: str, payload: bytes, will: bool = False) -> Properties | None:
-        if not self.cfg.secret:
+        if not self._mac_key:
             return None
         props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
-        props.UserProperty = (MAC_PROPERTY, message_mac(self.cfg.secret, topic, payload))
+        props.UserProperty = (MAC_PROPERTY, _mac(self._mac_key, topic, payload))
         return props
 
     # -- connection supervisor: one task, for the transport's whole life ----------
@@ -441,8 +459,8 @@ class MqttTransport:
         try:
             topic = msg.topic             # raises for a topic that is not UTF-8
             payload = msg.payload
-            if self.cfg.secret and not _authentic(self.cfg.secret, topic, payload,
-                                                  msg.properties):
+            if self._mac_key and not _authentic(self._mac_key, topic, payload,
+                                                msg.properties):
                 self.rejected += 1
                 self._throttle.warn("mac", "rejected a message on %.200s without a valid HMAC "
                                     "(%d so far)", topic, self.rejected)

@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
 import os
 import select
@@ -34,6 +32,7 @@ import conftest
 from conftest import (CHANNEL_OPTIONS, Stubs, assert_replicas_identical, kvs_pb2, kvs_pb2_grpc,
                       trailing, wait_until)
 from kvs_cluster import Broker, Server, free_port
+from server.transport import message_mac   # the servers' own HMAC, to forge signed garbage
 
 HOST = "127.0.0.1"
 WRITE_RPC_TIMEOUT = 20.0   # a write must never take this long; the server's bounds are far lower
@@ -717,11 +716,6 @@ class MqttProbe:
 # ---------------------------------------------------------------------------
 # hostile broker messages
 # ---------------------------------------------------------------------------
-def message_mac(secret: bytes, topic: str, payload: bytes) -> str:
-    """The servers' HMAC (README: HMAC-SHA256 over topic and payload), to forge signed garbage."""
-    return hmac.new(secret, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
-
-
 def user_properties(*pairs):
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties

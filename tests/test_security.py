@@ -1,11 +1,13 @@
-"""Security and hostile input (issue 5), against real processes.
+"""Security and hostile input (issues 5 and 11), against real processes.
 
 One secured cluster serves most tests (module fixture): a Mosquitto with
 ``allow_anonymous false``, a password_file, an acl_file and a TLS-only listener
 made from ``tools/gen_certs.sh`` certificates, and three servers with gRPC TLS,
-a client token, broker credentials (from a file), TLS to the broker and a
-cluster secret (HMAC of every broker message).  A further test drives
-``python -m kvs_cluster up/status/down`` (secure by default, and --insecure).
+an auth file (the admin's token, the shell's certificate), a peer token, broker
+credentials (from a file), TLS to the broker and a cluster secret (HMAC of every
+broker message).  Further tests drive ``python -m kvs_cluster up/status/down``
+and ``./kvs.sh`` (secure by default with mutual TLS; KVS_INSECURE=1 only for the
+plain mode; the broker not running as root; the shell showing its security state).
 
 Synchronisation is poll-with-deadline only.  "Quiet and identical" means: every
 server in-step with the same applied and commit index, leader, term and cluster
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -367,7 +370,7 @@ def test_wrong_or_missing_token_is_unauthenticated(secure: Secure, md):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, e.value)
-        assert "missing or invalid token" in (e.value.details() or ""), name
+        assert e.value.details(), name   # with the reason
     # the right token with a prefix/suffix added is wrong too
     right = secure.md[0][1]
     for bad in (right + "x", right[:-1], " " + right):
@@ -400,17 +403,63 @@ def test_shell_and_client_sh_with_tls_and_token(secure: Secure):
     r = subprocess.run([py, "-m", "kvs_shell", "--timeout", "20", "-s", addr, "-c", f"get {key}"], cwd=ROOT,
                        env=env_ca, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert "authentication failed: missing or invalid token" in r.stderr
+    assert "error: not authenticated: " in r.stderr, r.stderr
     r = subprocess.run(["bash", "client.sh", "-p", str(secure.c.servers[1].port), "-o", "consulta",
                         "-k", key, "--token", WRONG_TOKEN], cwd=ROOT, env=env_ca,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    assert r.returncode == 1 and "not authenticated" in r.stderr, r.stderr
     r = subprocess.run(["bash", "client.sh", "-p", str(secure.c.servers[2].port), "-o", "consulta",
                         "-k", key, "--tls-ca", str(secure.sec.tls_ca), "--token-file",
                         str(secure.sec.token_file)], cwd=ROOT, env={"PATH": os.environ["PATH"]},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f'Tupla {{ chave: "{key}", valor: "hello", versao: 1 }}'
+
+
+def test_shell_whoami_and_a_clear_message_for_each_denial(secure: Secure):
+    """A read-only user added to auth.json (servers reload it on SIGHUP): the shell's
+    whoami shows it, a write says `permission denied: ...`, a wrong token says
+    `not authenticated: ...`, and neither changes anything."""
+    name = f"reader-{uuid.uuid4().hex[:6]}"
+    token_file = secure.sec.add_user(name, ["read-only"])
+    for s in secure.c.servers:
+        os.kill(s.pid, signal.SIGHUP)
+    key = f"denied-{uuid.uuid4().hex[:6]}"
+    assert secure.put(0, key, "before") == 1
+    py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVS_")}
+    env.update(KVS_TLS_CA=str(secure.sec.tls_ca), KVS_TOKEN_FILE=str(token_file))
+    addr = ",".join(secure.c.addresses)
+
+    def shell(cmds, e=env):
+        return subprocess.run([py, "-m", "kvs_shell", "--timeout", "20", "-s", addr, "-c", cmds],
+                              cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
+
+    def whoami_everywhere():   # every server has reloaded (round robin asks them in turn)
+        rows = []
+        for _ in range(2 * len(secure.c.servers)):
+            r = shell("whoami")
+            if r.returncode != 0:
+                return False
+            rows.append(dict(line.split("\t", 1) for line in r.stdout.splitlines()))
+        return all(x["name"] == name for x in rows) and rows
+    rows = wait_until(whoami_everywhere, 30, "the new user known to every server")[0]
+    assert rows["roles"] == "read-only" and rows["method"] == "token" and rows["tls"] == "yes"
+    assert rows["read"] == "every key" and rows["write"] == "none"
+    r = shell(f"get {key}")
+    assert r.returncode == 0 and "before" in r.stdout, r.stderr
+    r = shell(f"put {key} after")
+    assert r.returncode == 1
+    assert "error: permission denied: " in r.stderr and name in r.stderr, r.stderr
+    wrong = tmpfile = Path(secure.sec.dir) / "secrets" / f"wrong-{uuid.uuid4().hex[:6]}.token"
+    wrong.write_text(WRONG_TOKEN + "\n")
+    wrong.chmod(0o600)
+    try:
+        r = shell(f"get {key}", {**env, "KVS_TOKEN_FILE": str(wrong)})
+    finally:
+        tmpfile.unlink()
+    assert r.returncode == 1 and "error: not authenticated: " in r.stderr, r.stderr
+    assert all(secure.get(i, key).valor == "before" for i in range(len(secure.c.servers)))
 
 
 # ---------------------------------------------------------------------------
@@ -876,10 +925,11 @@ def test_oversize_requests_get_clean_errors(secure: Secure):
 # ---------------------------------------------------------------------------
 def _secret_strings(sec: Security) -> dict[str, str]:
     out = {"token": read_first_line(sec.token_file),
+           "peer token": read_first_line(sec.peer_token_file),
            "cluster secret": read_first_line(sec.cluster_secret_file),
            "broker password": read_first_line(sec.mqtt_password_file),
            "guest password": GUEST_PASSWORD}
-    for name in ("tls_key",):
+    for name in ("tls_key", "client_key"):
         body = "".join(l for l in Path(getattr(sec, name)).read_text().splitlines()
                        if not l.startswith("-----"))
         out[name] = body[10:50]
@@ -888,8 +938,9 @@ def _secret_strings(sec: Security) -> dict[str, str]:
 
 def test_secrets_never_in_logs_or_command_lines(secure: Secure):
     sec = secure.sec
-    for f in (sec.token_file, sec.cluster_secret_file, sec.mqtt_password_file, sec.tls_key,
-              sec.broker_passwd, sec.broker_acl):
+    for f in (sec.token_file, sec.peer_token_file, sec.auth_file, sec.cluster_secret_file,
+              sec.mqtt_password_file, sec.tls_key, sec.client_key, sec.broker_passwd,
+              sec.broker_acl):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert stat.S_IMODE(sec.token_file.parent.stat().st_mode) == 0o700
     secrets_ = _secret_strings(sec)
@@ -921,6 +972,20 @@ def _launcher(*args, timeout=90, env=None):
                           text=True, timeout=timeout, env=env)
 
 
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])   # the real uid
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def _unprivileged_can_list(path: Path) -> bool:
+    """Can the account ``nobody`` list ``path``?  (Only meaningful when we are root.)"""
+    r = subprocess.run(["runuser", "-u", "nobody", "--", "ls", str(path)], capture_output=True,
+                       text=True, timeout=30)
+    return r.returncode == 0
+
+
 def test_launcher_secure_by_default_and_insecure_mode(tmp_path):
     run = tmp_path / "run"
     ports = [free_port(), free_port()]
@@ -928,20 +993,43 @@ def test_launcher_secure_by_default_and_insecure_mode(tmp_path):
     py = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("KVS_")}
     try:
-        up = _launcher("up", "--dir", str(run), "--servers", spec, "--no-persist")
+        up = _launcher("up", "--dir", str(run), "--servers", spec, "--no-persist", env=base_env)
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((run / "cluster.json").read_text())
         sec = Security.from_json(state["security"])
-        assert sec.grpc_tls and sec.mqtt_tls and sec.token_file and sec.cluster_secret_file
-        for f in (sec.token_file, sec.cluster_secret_file, sec.mqtt_password_file, sec.tls_key):
-            assert stat.S_IMODE(f.stat().st_mode) == 0o600
+        assert sec.grpc_tls and sec.mqtt_tls and sec.mutual_tls and sec.cluster_secret_file
+        assert sec.token_file and sec.peer_token_file and sec.auth_file
+        for f in (sec.token_file, sec.peer_token_file, sec.auth_file, sec.cluster_secret_file,
+                  sec.mqtt_password_file, sec.tls_key, sec.client_key):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        # umask 077: the run directory, logs and state are the launcher's user's alone
+        assert stat.S_IMODE(run.stat().st_mode) == 0o700
+        for f in [run / "cluster.json", run / "client.env", Path(state["broker"]["log"]),
+                  Path(state["broker"]["conf"])] + [Path(x["log"]) for x in state["servers"]]:
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, (f, oct(f.stat().st_mode))
+        if os.geteuid() == 0:
+            assert not _unprivileged_can_list(run)
+        # servers get the auth file and the peer token (paths), never a token value
+        cmd = Path(f"/proc/{state['servers'][0]['pid']}/cmdline").read_bytes().split(b"\0")
+        assert str(sec.auth_file).encode() in cmd and str(sec.peer_token_file).encode() in cmd
+        auth = json.loads(sec.auth_file.read_text())
+        assert {u["name"]: u["roles"] for u in auth["users"]} == {"admin": ["admin"],
+                                                                  "shell": ["admin"]}
         for name, value in _secret_strings_launcher(sec).items():
             assert value not in up.stdout + up.stderr, name
+        # the broker dropped root and reads its private copies
+        broker_pid = state["broker"]["pid"]
+        assert _uid(broker_pid) != 0
+        assert state["broker"]["user"] if os.geteuid() == 0 else True
         conf = Path(state["broker"]["conf"]).read_text()
         assert "allow_anonymous false" in conf and "password_file" in conf and "acl_file" in conf
+        # clients get the CA, the admin token and the shell's own certificate: no server key
         client_env = read_env_file(run / "client.env")
         assert client_env["KVS_TOKEN_FILE"] == str(sec.token_file)
         assert client_env["KVS_TLS_CA"] == str(sec.tls_ca)
+        assert client_env["KVS_CLIENT_CERT"] == str(sec.client_cert)
+        assert client_env["KVS_CLIENT_KEY"] == str(sec.client_key)
+        assert str(sec.tls_key) not in (run / "client.env").read_text()
         # `. run/client.env` then the shell, exactly as ./kvs.sh will do it
         sh = (f". {shlex.quote(str(run / 'client.env'))} && "
               f"{shlex.quote(py)} -m kvs_shell --timeout 20 -c 'put sec-key val1; get sec-key'")
@@ -952,6 +1040,26 @@ def test_launcher_secure_by_default_and_insecure_mode(tmp_path):
         r = subprocess.run([py, "-m", "kvs_shell", "-s", spec, "-c", "get sec-key"], cwd=ROOT,
                            env=base_env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1  # no TLS, no token: refused
+        # mutual TLS: a client with the CA and the admin token but no certificate fails
+        # at the handshake, before any request is read
+        with sec.channel(f"127.0.0.1:{ports[0]}", client_cert=False) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                kvs_pb2_grpc.KVSStub(ch).Consulta(kvs_pb2.ChaveVersao(chave="sec-key"),
+                                                  metadata=sec.metadata(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+        # ... and the shell, so configured, says what to give
+        env_nocert = {**base_env, **{k: v for k, v in client_env.items()
+                                     if k not in ("KVS_CLIENT_CERT", "KVS_CLIENT_KEY")}}
+        r = subprocess.run([py, "-m", "kvs_shell", "--timeout", "5", "-c", "get sec-key"],
+                           cwd=ROOT, env=env_nocert, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "--tls-cert" in r.stderr, r.stderr
+        # the shell's certificate alone is an identity too (user "shell")
+        env_cert = {k: v for k, v in {**base_env, **client_env}.items() if k != "KVS_TOKEN_FILE"}
+        r = subprocess.run([py, "-m", "kvs_shell", "--timeout", "20", "-c", "whoami; get sec-key"],
+                           cwd=ROOT, env=env_cert, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        rows = dict(line.split("\t", 1) for line in r.stdout.splitlines() if line.count("\t") == 1)
+        assert rows["name"] == "shell" and rows["method"] == "cert" and rows["tls"] == "yes", r.stdout
         st = _launcher("status", "--dir", str(run))
         assert st.returncode == 0, st.stdout + st.stderr
         assert st.stdout.count("state=in-step") == 2, st.stdout
@@ -959,13 +1067,17 @@ def test_launcher_secure_by_default_and_insecure_mode(tmp_path):
         token = sec.token_file.read_text()
         down = _launcher("down", "--dir", str(run))
         assert down.returncode == 0, down.stdout + down.stderr
+        if state["broker"].get("files_dir"):
+            assert not Path(state["broker"]["files_dir"]).exists()   # its copies went with it
 
-        up = _launcher("up", "--dir", str(run), "--servers", spec, "--no-persist", "--insecure")
+        up = _launcher("up", "--dir", str(run), "--servers", spec, "--no-persist", "--insecure",
+                       env=base_env)
         assert up.returncode == 0, up.stdout + up.stderr
         assert sec.token_file.read_text() == token
         state = json.loads((run / "cluster.json").read_text())
         assert state["security"] is None
         assert "allow_anonymous true" in Path(state["broker"]["conf"]).read_text()
+        assert _uid(state["broker"]["pid"]) != 0
         sh = (f". {shlex.quote(str(run / 'client.env'))} && "
               f"{shlex.quote(py)} -m kvs_shell --timeout 20 -c 'put plain-key val2; get plain-key'")
         r = subprocess.run(["bash", "-c", sh], cwd=ROOT, env={**base_env, "KVS_TLS_CA": "/nonexistent"},
@@ -979,7 +1091,97 @@ def test_launcher_secure_by_default_and_insecure_mode(tmp_path):
         assert down.returncode == 0, down.stdout + down.stderr
 
 
+@pytest.mark.parametrize("value", ["0", "false", "no", "", None, "1"])
+def test_kvs_insecure_is_insecure_only_when_1(tmp_path, value):
+    """`python -m kvs_cluster up` reads KVS_INSECURE: only "1" turns security off."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVS_")}
+    if value is not None:
+        env["KVS_INSECURE"] = value
+    try:
+        up = _launcher("up", "--dir", str(run), "--servers", str(free_port()), "--no-persist",
+                       "--no-wait", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((run / "cluster.json").read_text())
+        if value == "1":
+            assert state["security"] is None and "security OFF" in up.stdout
+        else:
+            assert state["security"] and state["security"]["mutual_tls"], up.stdout
+    finally:
+        down = _launcher("down", "--dir", str(run))
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def _kvs_sh(run: Path, port: int, *args: str, insecure: str | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVS_")}
+    env.update(KVS_RUN_DIR=str(run), KVS_SERVERS=str(port))
+    if insecure is not None:
+        env["KVS_INSECURE"] = insecure
+    return subprocess.run(["bash", str(ROOT / "kvs.sh"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("insecure", ["no", "1"])
+def test_kvs_sh_shell_shows_its_security_state(tmp_path, insecure):
+    """./kvs.sh with KVS_INSECURE=no is secure (mutual TLS, the admin's credentials) and
+    the shell says so; only KVS_INSECURE=1 gives the plain mode, and the shell says that."""
+    run, port = tmp_path / "run", free_port()
+    try:
+        r = _kvs_sh(run, port, "--timeout", "20", "-c", "whoami; put kvs-sh-key value; "
+                    "get kvs-sh-key", insecure=insecure)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = dict(line.split("\t", 1) for line in r.stdout.splitlines() if line.count("\t") == 1)
+        if insecure == "1":
+            assert rows["tls"] == "no" and rows["connection"] == "plaintext, no credentials", r.stdout
+            assert json.loads((run / "cluster.json").read_text())["security"] is None
+        else:
+            assert rows["tls"] == "yes" and rows["name"] in ("admin", "shell"), r.stdout
+            assert rows["roles"] == "admin"
+            assert rows["connection"] == "TLS, client certificate, token", r.stdout
+        assert "kvs-sh-key\t1\tvalue" in r.stdout
+    finally:
+        stop = _kvs_sh(run, port, "stop")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def test_shell_history_file_is_0600(tmp_path):
+    """The interactive shell's history holds values: created 0600, an old 0644 one tightened."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from kvs_shell.app import Shell
+    hist = tmp_path / "history"
+    hist.write_text("\n# old\n+put k secret\n")
+    hist.chmod(0o644)
+    old = os.environ.get("KVS_SHELL_HISTORY")
+    os.environ["KVS_SHELL_HISTORY"] = str(hist)
+    try:
+        with create_pipe_input() as inp:
+            shell = Shell([f"127.0.0.1:{free_port()}"], timeout=0.3, interactive=True,
+                          out=open(os.devnull, "w"), err=open(os.devnull, "w"), color=False)
+            try:
+                shell.make_session(input=inp, output=DummyOutput())
+            finally:
+                shell.close()
+        assert stat.S_IMODE(hist.stat().st_mode) == 0o600
+        hist.unlink()
+        with create_pipe_input() as inp:
+            shell = Shell([f"127.0.0.1:{free_port()}"], timeout=0.3, interactive=True,
+                          out=open(os.devnull, "w"), err=open(os.devnull, "w"), color=False)
+            try:
+                shell.make_session(input=inp, output=DummyOutput())
+            finally:
+                shell.close()
+        assert stat.S_IMODE(hist.stat().st_mode) == 0o600
+    finally:
+        if old is None:
+            os.environ.pop("KVS_SHELL_HISTORY", None)
+        else:
+            os.environ["KVS_SHELL_HISTORY"] = old
+
+
 def _secret_strings_launcher(sec: Security) -> dict[str, str]:
     return {"token": read_first_line(sec.token_file),
+            "peer token": read_first_line(sec.peer_token_file),
             "cluster secret": read_first_line(sec.cluster_secret_file),
             "broker password": read_first_line(sec.mqtt_password_file)}

@@ -966,3 +966,166 @@ def test_kvs_cluster_status_line_shows_raft_fields():
                                           applied_index=8, state="catching-up", leader="n0"))
     assert "role=follower term=2 commit=9 applied=8 state=catching-up leader=n0" in line
     assert "applied_seq=4" in status_text(kvs_pb2.NodeStatus(node_id="n1", applied_seq=4))
+
+
+# ---------------------------------------------------------------------------
+# security state: whoami, denials, banner/toolbar, history file
+# ---------------------------------------------------------------------------
+from kvs_shell.client import Identity, Security  # noqa: E402
+
+ADMIN = Identity("admin", ["admin"], "token", True, [], [], True, "127.0.0.1:9000")
+READER = Identity("reader", ["read-only"], "token", False, [""], [], False, "127.0.0.1:9000")
+
+
+class WhoClient:
+    """A fake client for the identity pieces: answers whoami with ``ident``."""
+
+    def __init__(self, ident, security=Security(tls_ca=b"ca", token="t" * 20)):
+        self.ident = ident
+        self.security = security
+        self.state = "connected"
+        self.label = "127.0.0.1:9000"
+        self.last_peer = ""
+        self.consistency = "local"
+
+    def whoami(self, timeout=None):
+        if isinstance(self.ident, Exception):
+            raise self.ident
+        return self.ident
+
+    def close(self):
+        pass
+
+
+def _shell(client):
+    from kvs_shell.app import Shell
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(["127.0.0.1:1"], timeout=0.3, out=out, err=err, color=False, width=200)
+    shell.client.close()
+    shell.client = client
+    return shell, out, err
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json", "table"])
+def test_whoami_shows_identity_roles_prefixes_and_tls(fmt):
+    shell, out, _ = _shell(WhoClient(READER, Security()))
+    shell.renderer = Renderer(fmt, out=out, err=io.StringIO(), color=False, width=200)
+    try:
+        assert shell.run_words(["whoami"])
+        text = out.getvalue()
+        if fmt == "plain":
+            rows = dict(line.split("\t", 1) for line in text.splitlines())
+            assert rows["name"] == "reader" and rows["roles"] == "read-only"
+            assert rows["read"] == "every key" and rows["write"] == "none"
+            assert rows["tls"] == "no" and rows["connection"] == "plaintext, no credentials"
+        elif fmt == "json":
+            doc = json.loads(text)
+            assert doc["name"] == "reader" and doc["read_prefixes"] == [""] and doc["tls"] is False
+        else:
+            assert "reader" in text and "plaintext, no credentials" in text
+        assert shell.identity is READER   # the toolbar shows it from now on
+    finally:
+        shell.close()
+
+
+def test_prefixes_text():
+    from kvs_shell.render import prefixes_text
+    assert prefixes_text([], True) == "every key (admin)"
+    assert prefixes_text(["app/", "x"], False) == "'app/', 'x'"
+    assert prefixes_text([], False) == "none"
+
+
+def test_toolbar_and_banner_show_tls_or_plaintext_and_the_identity():
+    shell, out, _ = _shell(WhoClient(ADMIN))
+    try:
+        bar = "".join(t for _, t in shell.toolbar())
+        assert "TLS" in bar and "identity not checked" in bar
+        shell.banner()   # asks the server who we are
+        assert "connection: TLS, token · admin [admin] via token" in out.getvalue()
+        assert "TLS admin [admin] via token" in "".join(t for _, t in shell.toolbar())
+    finally:
+        shell.close()
+    shell, out, _ = _shell(WhoClient(client_mod.Unsupported("no WhoAmI"), Security()))
+    try:
+        shell.banner()
+        assert "connection: plaintext, no credentials" in out.getvalue()
+        assert "identity unknown: no WhoAmI" in out.getvalue()
+        styles = dict((t.strip(), c) for c, t in shell.toolbar())
+        assert styles["plaintext"] == "class:bottom-toolbar.warn"
+        assert "(no credentials)" in "".join(t for _, t in shell.toolbar())
+    finally:
+        shell.close()
+
+
+class _Denied(Exception):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return ()
+
+
+def test_each_denial_gets_its_own_clear_message():
+    import grpc
+    err = client_mod._translate(_Denied(grpc.StatusCode.UNAUTHENTICATED, "unknown token"), "x")
+    assert isinstance(err, client_mod.Unauthenticated)
+    assert str(err).startswith("not authenticated: unknown token")
+    err = client_mod._translate(_Denied(grpc.StatusCode.PERMISSION_DENIED,
+                                        "reader (roles read-only) may not write key 'abc'"), "x")
+    assert isinstance(err, client_mod.PermissionDenied)
+    assert str(err).startswith("permission denied: reader (roles read-only) may not write key 'abc'")
+
+
+def test_security_describe():
+    assert Security().describe() == "plaintext, no credentials"
+    assert Security(token="t").describe() == "plaintext, token"
+    assert Security(tls_ca=b"c", tls_cert=b"c", tls_key=b"k").describe() == "TLS, client certificate"
+
+
+def test_token_files_others_can_read_are_refused(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("a-long-enough-token-value\n")
+    f.chmod(0o644)
+    with pytest.raises(client_mod.SecurityConfigError, match="chmod 600"):
+        client_mod.security_from(token_file=str(f), environ={})
+    f.chmod(0o600)
+    assert client_mod.security_from(token_file=str(f), environ={}).token == "a-long-enough-token-value"
+
+
+def test_history_file_is_created_0600_and_tightened(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from kvs_shell.app import private_history
+    new = private_history(tmp_path / "sub" / "hist")
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o600
+    old = tmp_path / "old-hist"
+    old.write_text("+put secret value\n")
+    old.chmod(0o644)
+    private_history(old)
+    assert stat.S_IMODE(os.stat(old).st_mode) == 0o600
+    assert old.read_text() == "+put secret value\n"   # kept, only the mode changes
+
+
+def test_kvs_common_channel_pieces():
+    from kvs_common.channel import bearer, make_channel
+    assert bearer("tok") == (("authorization", "Bearer tok"),)
+    assert bearer(None) == ()
+    with pytest.raises(ValueError):
+        make_channel("127.0.0.1:1", cert=b"c", key=b"k")   # a certificate needs a CA
+    make_channel("127.0.0.1:1").close()
+
+
+@pytest.mark.parametrize("value,insecure", [("1", True), ("0", False), ("false", False),
+                                            ("no", False), ("", False), (None, False),
+                                            ("yes", False), (" 1", False)])
+def test_kvs_insecure_means_insecure_only_when_exactly_1(value, insecure):
+    from kvs_cluster.__main__ import insecure_requested
+    env = {} if value is None else {"KVS_INSECURE": value}
+    assert insecure_requested(env) is insecure

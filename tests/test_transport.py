@@ -3,6 +3,8 @@ restarts and the receive-path watchdog, all on one asyncio loop."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import signal
 import time
@@ -15,8 +17,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from kvs_cluster import HOST, Broker, free_port
+from kvs_common.keys import derive_key
 from server.transport import (MAC_PROPERTY, BrokerConfig, MqttTransport, _authentic,
-                              message_mac)
+                              mac_key, message_mac)
 
 pytestmark = pytest.mark.integration
 
@@ -166,6 +169,8 @@ def test_hostile_messages_are_rejected_and_delivery_goes_on(broker):
             await until(lambda: t.rejected == 1, "retained forgery rejected")
 
             good = message_mac(SECRET, topic, b"payload")
+            # keyed by the raw secret, as servers before HKDF did: not a valid MAC any more
+            raw_key = hmac.new(SECRET, topic.encode() + b"\n" + b"payload", hashlib.sha256).hexdigest()
             hostile = [
                 (b"payload", [(MAC_PROPERTY, "\u00e9" * 64)]),            # non-ASCII
                 (b"payload", [(MAC_PROPERTY, "\u20ac" * 20)]),            # non-ASCII, odd length
@@ -175,6 +180,7 @@ def test_hostile_messages_are_rejected_and_delivery_goes_on(broker):
                 (b"payload", []),                                         # missing
                 (b"payload", [("x-other", "1"), ("kvs-MAC", good)]),      # unknown ones only
                 (b"payload", [(MAC_PROPERTY, "0" * 64)]),                 # wrong
+                (b"payload", [(MAC_PROPERTY, raw_key)]),                  # raw secret as key
                 (b"\xff\xfe\x00 not utf-8", [(MAC_PROPERTY, good)]),      # mac of another payload
                 (b"\xff\xfe\x00 not utf-8", []),
             ]
@@ -208,10 +214,46 @@ def test_authentic_never_raises_on_hostile_properties():
         "not-str": [(MAC_PROPERTY, b"\x00" * 64)], "bad-shape": [("only-one",)],
         "missing": [], "surrogate": [(MAC_PROPERTY, "\udcff" * 64)],
     }
+    key = mac_key(SECRET)
     for name, props in cases.items():
-        assert _authentic(SECRET, "t", b"p", SimpleNamespace(UserProperty=props)) is False, name
-    assert _authentic(SECRET, "t", b"p", None) is False
-    assert _authentic(SECRET, "t", b"p", SimpleNamespace(UserProperty=[(MAC_PROPERTY, mac)]))
+        assert _authentic(key, "t", b"p", SimpleNamespace(UserProperty=props)) is False, name
+    assert _authentic(key, "t", b"p", None) is False
+    assert _authentic(key, "t", b"p", SimpleNamespace(UserProperty=[(MAC_PROPERTY, mac)]))
+    # the raw secret is not the key
+    assert not _authentic(SECRET, "t", b"p", SimpleNamespace(UserProperty=[(MAC_PROPERTY, mac)]))
+
+
+def test_published_mac_is_keyed_by_the_derived_key(broker):
+    """What goes on the wire: HMAC-SHA256 under HKDF(secret, "mqtt-mac"),
+    computed here independently of the transport's helpers."""
+    topic = "t/k"
+    got: list[tuple[bytes, list]] = []
+
+    async def main():
+        raw = raw_client(broker.port)
+        raw.on_message = lambda c, u, m: got.append((m.payload, list(m.properties.UserProperty)))
+        try:
+            info = raw.subscribe(topic, qos=1)
+            assert info[0] == mqtt.MQTT_ERR_SUCCESS
+            t = await started(transport(broker.port, "signer", Inbox(), SECRET))
+            n = 0
+            while not got:   # the raw SUBSCRIBE may not be through yet: retry
+                assert n < 200, "the raw subscriber heard nothing"
+                n += 1
+                t.publish(topic, b"hello")
+                await asyncio.sleep(0.05)
+            await t.stop()
+        finally:
+            raw.disconnect()
+            raw.loop_stop()
+        payload, props = got[0]
+        key = derive_key(SECRET, "mqtt-mac")
+        assert key != SECRET and len(key) == 32
+        want = hmac.new(key, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
+        assert props == [(MAC_PROPERTY, want)]
+        assert want != hmac.new(SECRET, topic.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
+
+    asyncio.run(main())
 
 
 def test_handler_that_raises_does_not_stop_delivery(broker):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Generate a self-signed CA and one certificate for local KVS use (idempotent).
+# Generate a self-signed CA, a server and a client certificate for local KVS use (idempotent).
 #
 #   tools/gen_certs.sh [DIR]          # default DIR: ./run/tls
 #
@@ -11,6 +11,10 @@
 #               serverAuth and clientAuth: gRPC servers, the Mosquitto TLS listener,
 #               and server-to-server (mutual TLS) repair calls
 #   server.key  its private key       (0600)
+#   client.pem  certificate for clients (CN $KVS_CLIENT_CN, default kvs-shell), usable
+#               for clientAuth only: the shell's identity under mutual TLS, so that
+#               no client is ever handed a server key
+#   client.key  its private key       (0600)
 #
 # Run again: nothing changes while the files exist, the certificate verifies
 # against the CA, covers the requested SANs and is valid for at least another day;
@@ -22,6 +26,7 @@ umask 077
 DIR="${1:-./run/tls}"
 DAYS_CA="${KVS_CERT_CA_DAYS:-3650}"
 DAYS="${KVS_CERT_DAYS:-825}"
+CLIENT_CN="${KVS_CLIENT_CN:-kvs-shell}"
 SANS="DNS:localhost,IP:127.0.0.1${KVS_CERT_SANS:+,$KVS_CERT_SANS}"
 
 command -v openssl >/dev/null 2>&1 || { echo "gen_certs.sh: openssl not found (apt-get install openssl)" >&2; exit 1; }
@@ -58,28 +63,45 @@ has_sans() {
         case "$text" in *"$want"*) ;; *) return 1 ;; esac
     done
 }
+# issue NAME SUBJECT EXTENDED_KEY_USAGE EXTRA_EXT: NAME.key + NAME.pem signed by the CA
+issue() {
+    local name=$1 subject=$2 eku=$3 extra=$4
+    openssl ecparam -name prime256v1 -genkey -noout -out "$name.key.tmp"
+    openssl req -new -sha256 -key "$name.key.tmp" -subj "$subject" -out "$name.csr.tmp"
+    {
+        echo "basicConstraints=critical,CA:FALSE"
+        echo "keyUsage=critical,digitalSignature,keyEncipherment,keyAgreement"
+        echo "extendedKeyUsage=$eku"
+        [ -n "$extra" ] && echo "$extra"
+        echo "subjectKeyIdentifier=hash"
+        echo "authorityKeyIdentifier=keyid"
+    } > "$name.ext.tmp"
+    openssl x509 -req -sha256 -in "$name.csr.tmp" -CA ca.pem -CAkey ca.key \
+        -set_serial "0x$(openssl rand -hex 16)" -days "$DAYS" -extfile "$name.ext.tmp" \
+        -out "$name.pem.tmp" 2>/dev/null
+    rm -f "$name.csr.tmp" "$name.ext.tmp"
+    mv -f "$name.key.tmp" "$name.key"
+    mv -f "$name.pem.tmp" "$name.pem"
+}
+
 if [ "$ca_new" = 0 ] && [ -s server.key ] && [ -s server.pem ] && valid_for_a_day server.pem \
    && openssl verify -CAfile ca.pem server.pem >/dev/null 2>&1 && has_sans \
    && [ "$(openssl pkey -in server.key -pubout 2>/dev/null)" = "$(openssl x509 -in server.pem -noout -pubkey 2>/dev/null)" ]; then
-    echo "gen_certs.sh: certificates in $DIR are up to date" >&2
+    echo "gen_certs.sh: server certificate in $DIR is up to date" >&2
 else
-    openssl ecparam -name prime256v1 -genkey -noout -out server.key.tmp
-    openssl req -new -sha256 -key server.key.tmp -subj "/CN=localhost" -out server.csr.tmp
-    cat > server.ext.tmp <<EOF
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment,keyAgreement
-extendedKeyUsage=serverAuth,clientAuth
-subjectAltName=$SANS
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-EOF
-    openssl x509 -req -sha256 -in server.csr.tmp -CA ca.pem -CAkey ca.key \
-        -set_serial "0x$(openssl rand -hex 16)" -days "$DAYS" -extfile server.ext.tmp \
-        -out server.pem.tmp 2>/dev/null
-    rm -f server.csr.tmp server.ext.tmp
-    mv -f server.key.tmp server.key
-    mv -f server.pem.tmp server.pem
+    issue server "/CN=localhost" "serverAuth,clientAuth" "subjectAltName=$SANS"
     echo "gen_certs.sh: wrote CA and server certificate ($SANS) to $DIR" >&2
 fi
-chmod 600 ca.key server.key
-chmod 644 ca.pem server.pem
+
+# ---- client certificate (clientAuth only) -----------------------------------
+has_cn() { openssl x509 -in client.pem -noout -subject 2>/dev/null | grep -q "CN *= *$CLIENT_CN\$"; }
+if [ "$ca_new" = 0 ] && [ -s client.key ] && [ -s client.pem ] && valid_for_a_day client.pem \
+   && openssl verify -CAfile ca.pem client.pem >/dev/null 2>&1 && has_cn \
+   && [ "$(openssl pkey -in client.key -pubout 2>/dev/null)" = "$(openssl x509 -in client.pem -noout -pubkey 2>/dev/null)" ]; then
+    echo "gen_certs.sh: client certificate in $DIR is up to date" >&2
+else
+    issue client "/CN=$CLIENT_CN" "clientAuth" ""
+    echo "gen_certs.sh: wrote client certificate (CN $CLIENT_CN) to $DIR" >&2
+fi
+chmod 600 ca.key server.key client.key
+chmod 644 ca.pem server.pem client.pem

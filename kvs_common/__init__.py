@@ -1,0 +1,1 @@
+"""Plumbing shared by server, shell, cluster launcher and bench: said once here."""
