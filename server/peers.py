@@ -1,5 +1,5 @@
-"""gRPC client side of server-to-server calls: state transfer (Replica.FetchState),
-Status, and forwarding a member removal to the leader."""
+"""gRPC client side of server-to-server calls: state transfer (Replica.FetchState) and
+forwarding a member removal to the leader."""
 from __future__ import annotations
 
 import threading
@@ -35,10 +35,6 @@ class PeerClients:
                 ch = self._channels[addr] = make_channel(addr, tls_ca=tls_ca, cert=cert, key=key,
                                                          options=_PEER_OPTIONS)
             return ch
-
-    def status(self, addr: str, timeout: float = 1.0) -> kvs_pb2.NodeStatus:
-        stub = kvs_pb2_grpc.KVSExtStub(self._channel(addr))
-        return stub.Status(kvs_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata)
 
     def member_remove(self, addr: str, node_id: str, timeout: float = 15.0):
         stub = kvs_pb2_grpc.KVSExtStub(self._channel(addr))
