@@ -1155,7 +1155,7 @@ def test_shell_history_file_is_0600(tmp_path):
     hist.chmod(0o644)
     old = os.environ.get("KVS_SHELL_HISTORY")
     os.environ["KVS_SHELL_HISTORY"] = str(hist)
-    try:
+    def open_session():
         with create_pipe_input() as inp:
             shell = Shell([f"127.0.0.1:{free_port()}"], timeout=0.3, interactive=True,
                           out=open(os.devnull, "w"), err=open(os.devnull, "w"), color=False)
@@ -1163,15 +1163,12 @@ def test_shell_history_file_is_0600(tmp_path):
                 shell.make_session(input=inp, output=DummyOutput())
             finally:
                 shell.close()
+
+    try:
+        open_session()   # an existing 0644 history is tightened
         assert stat.S_IMODE(hist.stat().st_mode) == 0o600
         hist.unlink()
-        with create_pipe_input() as inp:
-            shell = Shell([f"127.0.0.1:{free_port()}"], timeout=0.3, interactive=True,
-                          out=open(os.devnull, "w"), err=open(os.devnull, "w"), color=False)
-            try:
-                shell.make_session(input=inp, output=DummyOutput())
-            finally:
-                shell.close()
+        open_session()   # a new one is created 0600
         assert stat.S_IMODE(hist.stat().st_mode) == 0o600
     finally:
         if old is None:
