@@ -257,9 +257,10 @@ class VersionInfo:
 @dataclass
 class History:
     key: str
-    versions: list[VersionInfo]
+    versions: list[VersionInfo]  # newest first
     max_version: int
     error: str = ""
+    more: bool = False  # older live versions remain (ask with before_version=oldest shown)
 
 
 @dataclass
@@ -772,12 +773,17 @@ class Client:
         return rows, _errors(call)
 
     # -- the extension service ------------------------------------------------
-    def history(self, key: str) -> History:
-        resp, err = self._unary(self._ext.History, kvs_pb2.HistoryRequest(chave=key))
+    def history(self, key: str, limit: int = 0, before_version: int = 0) -> History:
+        """One page of ``key``'s live versions, newest first: at most ``limit`` (0: the
+        server's default), only those < ``before_version`` (0: from the newest).  The
+        server also cuts a page by size; ``more`` says older versions remain."""
+        resp, err = self._unary(self._ext.History,
+                                kvs_pb2.HistoryRequest(chave=key, limit=max(0, limit),
+                                                       before_version=max(0, before_version)))
         return History(resp.chave or key,
                        [VersionInfo(v.versao, v.valor, v.written_at, v.node, v.seq)
                         for v in resp.versions],
-                       resp.max_version, err)
+                       resp.max_version, err, bool(resp.more))
 
     def list_keys(self, prefix: str = "", limit: int = 200, start_after: str = "",
                   timeout: float | None = None) -> KeyList:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from . import timetravel as TT
+
 MIN_LEN = 3
 INT32_MAX = 2**31 - 1
 
@@ -44,11 +46,19 @@ class Context(Protocol):  # what handlers need from the shell
 KEY, VALUE, VERSION, PREFIX, KEYVER, PAIRS, ONOFF, COMMAND, SERVER = (
     "key", "value", "version", "prefix", "key[@ver]", "pairs", "on|off", "command", "server")
 LEVEL, MEMBER_ACTION, NODE = "local|linearizable", "list|remove", "node"
+TIME, COUNT, OPTION = "time", "count", "option"  # an option's value kinds, and its name
 
 
 def choices(kind: str | None) -> tuple[str, ...]:
     """The words a fixed-choice kind accepts (none for the other kinds)."""
     return tuple(kind.split("|")) if kind and "|" in kind else ()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # --limit
+    kind: str  # the kind of its value (TIME, COUNT)
+    summary: str
 
 
 @dataclass
@@ -63,10 +73,14 @@ class Command:
     args: tuple[str, ...] = ()  # kinds of the positional args; PAIRS/KEYVER repeat
     min_args: int = 0
     max_args: int | None = 0  # None: unlimited
+    options: tuple[Option, ...] = ()  # a handler with options takes (ctx, args, opts)
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    def option(self, word: str) -> Option | None:
+        return next((o for o in self.options if o.name == word), None)
 
     def arg_kind(self, index: int) -> str | None:
         """The kind of the positional argument number ``index`` (0-based)."""
@@ -112,6 +126,72 @@ def split_keyver(word: str) -> tuple[str, int | None]:
     return check_key(word), None
 
 
+def parse_count(text: str, what: str = "--limit") -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: expected a whole number") from None
+    if n < 1:
+        raise UsageError(f"invalid {what} {n}: at least 1")
+    return n
+
+
+def split_options(cmd: Command, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Positional words and {option name: value}.  ``--opt VALUE`` or ``--opt=VALUE``; a
+    time may be written unquoted (``--at 5m ago``); ``--`` ends the options."""
+    if not cmd.options:
+        return args, {}
+    pos: list[str] = []
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            pos += args[i + 1:]
+            break
+        name, eq, value = word.partition("=")
+        opt = cmd.option(name) if word.startswith("--") else None
+        if word.startswith("--") and opt is None:
+            known = ", ".join(o.name for o in cmd.options)
+            raise UsageError(f"{cmd.name}: unknown option {name!r} (known: {known})")
+        if opt is None:
+            pos.append(word)
+        elif eq:
+            opts[opt.name] = value
+        elif i + 1 < len(args):
+            i += 1
+            opts[opt.name] = args[i]
+            if opt.kind == TIME and i + 1 < len(args) and args[i + 1].lower() == "ago":
+                i += 1
+                opts[opt.name] += " ago"
+        else:
+            raise UsageError(f"{cmd.name}: option {opt.name} needs a value")
+        i += 1
+    return pos, opts
+
+
+def word_kinds(cmd: Command, words: list[str]) -> list[str | None]:
+    """The kind of each argument word (option names are OPTION; a value gets its option's
+    kind), for completion and highlighting."""
+    kinds: list[str | None] = []
+    index = 0
+    pending: Option | None = None
+    for i, word in enumerate(words):
+        if pending is not None:
+            kinds.append(pending.kind)
+            # "--at 5m ago": the trailing "ago" belongs to the time
+            pending = pending if (pending.kind == TIME and i + 1 < len(words)
+                                  and words[i + 1].lower() == "ago") else None
+        elif cmd.options and word.startswith("--") and word != "--":
+            kinds.append(OPTION)
+            opt = cmd.option(word.partition("=")[0])
+            pending = opt if opt is not None and "=" not in word else None
+        else:
+            kinds.append(cmd.arg_kind(index))
+            index += 1
+    return kinds
+
+
 def _arity(cmd: Command, args: list[str]) -> None:
     if len(args) < cmd.min_args or (cmd.max_args is not None and len(args) > cmd.max_args):
         raise UsageError(f"usage: {cmd.syntax}")
@@ -128,13 +208,30 @@ def do_put(ctx: Context, args: list[str]) -> Outcome:
                    error="" if r.ok else _refused("put", key, r.error, r.no_quorum))
 
 
-def do_get(ctx: Context, args: list[str]) -> Outcome:
+def do_get(ctx: Context, args: list[str], opts: dict | None = None) -> Outcome:
     key = check_key(args[0])
+    if opts and "--at" in opts:
+        if len(args) > 1:
+            raise UsageError("get: give either VERSION or --at TIME")
+        return _get_at(ctx, key, opts["--at"])
     version = parse_version(args[1]) if len(args) > 1 else None
     r = ctx.client.get(key, version)
     if _unserved(r):
         return Outcome("get", r, ok=False, error=_not_read("get", key, r.error, r.no_quorum))
     return Outcome("get", r)  # not found is a normal answer
+
+
+def _time(text: str) -> float:
+    try:
+        return TT.parse_time(text)
+    except TT.TimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _get_at(ctx: Context, key: str, text: str) -> Outcome:
+    when = _time(text)
+    v, top = TT.version_at(ctx.client, key, when)
+    return Outcome("get_at", TT.AsOf(key, when, v, top))  # not found is a normal answer
 
 
 def do_del(ctx: Context, args: list[str]) -> Outcome:
@@ -230,10 +327,31 @@ def _written_through(ctx: Context, rows) -> dict:
         return {k: v for k, v in pool.map(one, rows) if v is not None}
 
 
-def do_history(ctx: Context, args: list[str]) -> Outcome:
+def do_history(ctx: Context, args: list[str], opts: dict | None = None) -> Outcome:
     key = check_key(args[0])
-    h = ctx.client.history(key)
-    return Outcome("history", h)
+    opts = opts or {}
+    limit = parse_count(opts["--limit"]) if "--limit" in opts else None
+    since = _time(opts["--since"]) if "--since" in opts else None
+    h = TT.collect_history(ctx.client, key, limit, since)
+    return Outcome("history", h, extra={"limit": limit, "since": since})
+
+
+def do_diff(ctx: Context, args: list[str]) -> Outcome:
+    key = check_key(args[0])
+    v1 = parse_version(args[1])
+    v2 = parse_version(args[2]) if len(args) > 2 else None
+    old, top = TT.exact_version(ctx.client, key, v1)
+    new, top2 = TT.exact_version(ctx.client, key, v2)
+    top = max(top, top2)
+    missing = [f"version {v}" for v, got in ((v1, old), (v2, new)) if got is None and v]
+    if new is None and v2 is None:
+        missing.append("a live version")
+    if missing:
+        why = ("the key was never written" if not top
+               else f"not live (removed, or never written; highest ever {top})")
+        return Outcome("diff", None, ok=False,
+                       error=f"diff {key}: {' and '.join(missing)}: {why}")
+    return Outcome("diff", TT.diff_versions(key, old, new))
 
 
 def do_keys(ctx: Context, args: list[str]) -> Outcome:
@@ -339,17 +457,23 @@ def do_exit(ctx: Context, args: list[str]) -> Outcome:
     return Outcome("none")
 
 
+AT_OPTION = Option("--at", TIME, "the version live at TIME (ISO 8601 or 5m ago)")
+
 COMMANDS: list[Command] = [
     Command("put", ("insere", "set"), "put KEY VALUE", "store VALUE as the next version of KEY",
             "Stores VALUE as a new version of KEY (the first insert is version 1, each further "
             "insert +1) and prints the version it got. Keys and values have at least 3 characters; "
             "quote values with spaces.", 'put user:1 "Ada Lovelace"', do_put,
             (KEY, VALUE), 2, 2),
-    Command("get", ("consulta",), "get KEY [VERSION]", "read KEY (latest, or the greatest version <= VERSION)",
+    Command("get", ("consulta",), "get KEY [VERSION | --at TIME]",
+            "read KEY (latest, the greatest version <= VERSION, or as of TIME)",
             "Reads KEY. Without VERSION: the latest version. With VERSION: the greatest live version "
-            "<= VERSION, and the answer says which version actually answered. A key or version "
-            "that is not found is a normal answer.", "get user:1 2", do_get,
-            (KEY, VERSION), 1, 2),
+            "<= VERSION, and the answer says which version actually answered. With --at TIME: "
+            "the version that was live at TIME (the greatest live version written at or "
+            "before it); TIME is ISO 8601 (2026-12-01T10:00:00Z; local time without an offset) "
+            "or relative (30s ago, 5m ago, 2h ago, 3d ago). A key or version that is not found "
+            "is a normal answer.", "get user:1 --at 5m ago", do_get,
+            (KEY, VERSION), 1, 2, (AT_OPTION,)),
     Command("del", ("remove", "rm", "delete"), "del KEY [VERSION]", "remove one version, or every version of KEY",
             "Without VERSION removes every live version of KEY and prints the highest one removed; "
             "with VERSION removes exactly that version. Removed version numbers are never reused. "
@@ -371,9 +495,20 @@ COMMANDS: list[Command] = [
             "Lists every key with its value at the greatest live version <= VERSION (the latest "
             "when VERSION is left out). Keys with nothing qualifying are left out.", "snapshot 2",
             do_snapshot, (VERSION,), 0, 1),
-    Command("history", ("hist",), "history KEY", "every live version of KEY, newest first",
-            "Shows every live version of KEY: version, value, size, the server it was written "
-            "through and when.", "history user:1", do_history, (KEY,), 1, 1),
+    Command("history", ("hist",), "history KEY [--limit N] [--since TIME]",
+            "live versions of KEY, newest first",
+            "Shows the live versions of KEY, newest first: version, value, size, the server it "
+            "was written through and when. --limit N: only the N newest; --since TIME: only "
+            "those written at or after TIME (ISO 8601, or 5m ago / 2h ago / 3d ago). The "
+            "history is read in pages, so any number of versions can be shown.",
+            "history user:1 --limit 10", do_history, (KEY,), 1, 1,
+            (Option("--limit", COUNT, "only the N newest versions"),
+             Option("--since", TIME, "only versions written at or after TIME"))),
+    Command("diff", (), "diff KEY V1 [V2]", "what changed between two versions of KEY",
+            "Shows a unified diff from version V1 to version V2 of KEY (V2: the latest when left "
+            "out). JSON objects and arrays are pretty-printed (sorted keys) first, so the diff "
+            "shows the fields that changed. A version that is not live is an error.",
+            "diff user:1 1 3", do_diff, (KEY, VERSION, VERSION), 2, 3),
     Command("keys", ("ls",), "keys [PREFIX]", "list live keys (starting with PREFIX)",
             "Lists every key that has at least one live version, sorted, optionally only those "
             "starting with PREFIX.", "keys user:", do_keys, (PREFIX,), 0, 1),
@@ -437,8 +572,8 @@ def run(ctx: Context, words: list[str]) -> Outcome:
     cmd = lookup(words[0])
     if cmd is None:
         raise UsageError(f"unknown command {words[0]!r}; type help for the list")
-    args = words[1:]
+    args, opts = split_options(cmd, words[1:])
     _arity(cmd, args)
-    out = cmd.handler(ctx, args)
+    out = cmd.handler(ctx, args, opts) if cmd.options else cmd.handler(ctx, args)
     out.extra.setdefault("command", cmd.name)
     return out

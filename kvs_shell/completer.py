@@ -12,11 +12,12 @@ prefix waits (at most ``fetch_timeout``) in the completion thread only, and
 after a write the prefixes used lately are re-listed by a background thread
 (stale entries keep answering meanwhile).
 
-Versions (for ``get KEY VER``, ``del KEY VER``, ``mget KEY@VER``) come from
+Versions (for ``get KEY VER``, ``del KEY VER``, ``diff KEY V1 V2``, ``mget KEY@VER``) come from
 ``KVSExt.History`` of the key already typed, newest first, with a preview of
 the value as completion meta; cached per key until that key is written.
 
-Node ids (``member remove NODE``) come from the last ``member list`` / ``status``
+Options (``--limit``, ``--since``, ``--at``) complete by name, their values with hints
+(``5m ago``...).  Node ids (``member remove NODE``) come from the last ``member list`` / ``status``
 the shell ran; before any, from one ``KVSExt.MemberList`` in the completion thread.
 """
 from __future__ import annotations
@@ -237,6 +238,10 @@ class VersionCache:
                     self._cache.pop(k, None)
 
 
+TIME_HINTS = (("5m ago", "five minutes ago"), ("1h ago", "an hour ago"),
+              ("1d ago", "a day ago"), ("now", "the current time"))
+
+
 def _preview(value: str) -> str:
     v = value.replace("\n", "\\n").replace("\t", " ")
     return v if len(v) <= PREVIEW else v[: PREVIEW - 1] + "…"
@@ -296,11 +301,28 @@ class KVSCompleter(Completer):
         if cmd is None:
             return
         args = words[1:]
-        index = len(args) if new_word else len(args) - 1
         current = "" if new_word else args[-1].text
         raw_len = 0 if new_word else len(text) - args[-1].start
-        kind = cmd.arg_kind(index)
-        if kind in (C.KEY, C.PREFIX):
+        texts = [a.text for a in args] + ([""] if new_word else [])
+        kinds = C.word_kinds(cmd, texts)
+        kind = kinds[-1]
+        positional = [t for t, k in zip(texts[:-1], kinds) if k not in (C.OPTION, C.TIME,
+                                                                        C.COUNT)]
+        if cmd.options and current.startswith("-") and kind != C.TIME:
+            kind = C.OPTION
+        if kind == C.OPTION:
+            for o in cmd.options:
+                if o.name.startswith(current) and o.name not in texts[:-1]:
+                    yield Completion(o.name, -raw_len, display_meta=o.summary)
+        elif kind == C.TIME:
+            for t, meta in TIME_HINTS:
+                if t.startswith(current):
+                    yield Completion(quote(t), -raw_len, display=t, display_meta=meta)
+        elif kind == C.COUNT:
+            for n in ("10", "25", "100", "1000"):
+                if n.startswith(current):
+                    yield Completion(n, -raw_len)
+        elif kind in (C.KEY, C.PREFIX):
             yield from self._keys(current, raw_len)
         elif kind == C.KEYVER:
             if "@" in current:
@@ -312,8 +334,8 @@ class KVSCompleter(Completer):
                                              display=f"{key}@{v}", display_meta=_preview(val))
             else:
                 yield from self._keys(current, raw_len)
-        elif kind == C.VERSION and cmd.args and cmd.args[0] == C.KEY and index == 1:
-            key = args[0].text
+        elif kind == C.VERSION and cmd.args and cmd.args[0] == C.KEY and positional:
+            key = positional[0]
             if len(key) >= C.MIN_LEN:
                 for v, val in self.versions.versions(key):
                     if str(v).startswith(current):

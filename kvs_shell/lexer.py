@@ -20,6 +20,7 @@ STYLE = Style.from_dict({
     "kvs.version": "ansimagenta",
     "kvs.bad": "underline ansired",
     "kvs.arg": "",
+    "kvs.option": "ansiblue",
     "kvs.sep": "bold ansiblue",
     "kvs.comment": "italic ansibrightblack",
     "kvs.space": "",
@@ -30,7 +31,9 @@ STYLE = Style.from_dict({
 })
 
 _KIND_STYLE = {C.KEY: "class:kvs.key", C.PREFIX: "class:kvs.key", C.KEYVER: "class:kvs.key",
-               C.VALUE: "class:kvs.value", C.VERSION: "class:kvs.version"}
+               C.VALUE: "class:kvs.value", C.VERSION: "class:kvs.version",
+               C.OPTION: "class:kvs.option", C.COUNT: "class:kvs.version",
+               C.TIME: "class:kvs.value"}
 
 
 def highlight(line: str) -> list[tuple[str, str]]:
@@ -39,12 +42,13 @@ def highlight(line: str) -> list[tuple[str, str]]:
     pos = 0
     cmd = None
     arg_index = -1
+    arg_words: list[str] = []
     for tok in tokenize(line, strict=False):
         if tok.start > pos:
             frags.append(("", line[pos:tok.start]))
         raw = line[tok.start:tok.end]
         if tok.kind == SEP:
-            style, cmd, arg_index = "class:kvs.sep", None, -1
+            style, cmd, arg_index, arg_words = "class:kvs.sep", None, -1, []
         elif tok.kind == COMMENT:
             style = "class:kvs.comment"
         elif arg_index < 0:
@@ -52,13 +56,16 @@ def highlight(line: str) -> list[tuple[str, str]]:
             style = "class:kvs.command" if cmd else "class:kvs.unknown"
             arg_index = 0
         else:
-            kind = cmd.arg_kind(arg_index) if cmd else None
+            arg_words.append(tok.text)
+            kind = C.word_kinds(cmd, arg_words)[-1] if cmd else None
             style = _KIND_STYLE.get(kind or "", "class:kvs.arg")
             if kind in (C.KEY, C.KEYVER) and len(tok.text.rpartition("@")[0]
                                                  if kind == C.KEYVER and "@" in tok.text
                                                  else tok.text) < C.MIN_LEN:
                 style += " class:kvs.bad"
-            elif kind == C.VERSION and not tok.text.isdigit():
+            elif kind in (C.VERSION, C.COUNT) and not tok.text.isdigit():
+                style += " class:kvs.bad"
+            elif kind == C.OPTION and cmd.option(tok.text.partition("=")[0]) is None:
                 style += " class:kvs.bad"
             elif C.choices(kind) and tok.text.lower() not in C.choices(kind):
                 style += " class:kvs.bad"

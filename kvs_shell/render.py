@@ -286,8 +286,9 @@ class Renderer:
 
     def _r_history(self, o: Outcome) -> None:
         h = o.data
+        more = bool(getattr(h, "more", False))
         if self.fmt == "json":
-            self._json({"key": h.key, "max_version": h.max_version,
+            self._json({"key": h.key, "max_version": h.max_version, "more": more,
                         "versions": [{"version": v.version, "value": v.value, "node": v.node,
                                       "written_at": _iso(v.written_at), "seq": v.seq}
                                      for v in h.versions]})
@@ -307,9 +308,49 @@ class Renderer:
                 t.add_row(str(v.version), escape(elide(v.value)), size_text(v.value),
                           escape(v.node), when_text(v.written_at), str(v.seq))
             n = len(h.versions)
-            t.caption = (f"{n} live version{'s' if n != 1 else ''}, highest ever {h.max_version}"
+            t.caption = (f"{n} live version{'s' if n != 1 else ''}"
+                         + (" shown (older ones remain)" if more else "")
+                         + f", highest ever {h.max_version}"
                          if h.max_version else "key never written")
             self.out.print(t)
+
+    def _r_get_at(self, o: Outcome) -> None:
+        a = o.data
+        v = a.version
+        if self.fmt == "json":
+            self._json({"op": "get", "key": a.key, "at": _iso(a.when), "found": v is not None,
+                        "version": v.version if v else 0, "value": v.value if v else None,
+                        "written_at": _iso(v.written_at) if v else None})
+        elif self.fmt == "plain":
+            if v is None:
+                self._line(a.key, "(not found)")
+            else:
+                self._line(a.key, v.version, v.value)
+        elif v is None:
+            self.out.print(Text.assemble(("(not found) ", "yellow"), (a.key, "bold"),
+                                         (f" — no live version written by {when_text(a.when)}",
+                                          "dim")))
+        else:
+            self.out.print(Text.assemble(
+                (a.key, "bold"), " = ", (repr_value(v.value), "green"), "  ",
+                (f"(version {v.version}, written {when_text(v.written_at)}, live at "
+                 f"{when_text(a.when)})", "cyan")))
+
+    def _r_diff(self, o: Outcome) -> None:
+        d = o.data
+        if d is None:
+            return  # a missing version: the error goes to stderr
+        if self.fmt == "json":
+            self._json({"key": d.key, "from": d.old.version, "to": d.new.version,
+                        "identical": d.identical, "json": d.as_json, "lines": d.lines})
+        elif self.fmt == "plain":
+            for line in d.lines:  # like diff -u: a line of the values is a line here
+                self.out_file.write(line + "\n")
+        elif d.identical:
+            self.out.print(Text(f"{d.key}: versions {d.old.version} and {d.new.version} "
+                                "have the same value", style="dim"))
+        else:
+            self.out.print(diff_text(d.lines))
 
     def _r_keys(self, o: Outcome) -> None:
         keys = o.data
@@ -450,6 +491,19 @@ class Renderer:
         self.out.print(t)
         self.out.print(Text("help COMMAND shows an example; TAB completes commands, keys and "
                             "versions; `;` separates commands; # starts a comment.", style="dim"))
+
+
+_DIFF_STYLE = (("+++", "bold"), ("---", "bold"), ("@@", "cyan"), ("+", "green"), ("-", "red"))
+
+
+def diff_text(lines: list[str]) -> Text:
+    """A unified diff coloured line by line (headers bold, hunks cyan, + green, - red)."""
+    out = Text()
+    for line in lines:
+        style = next((st for head, st in _DIFF_STYLE if line.startswith(head)), "")
+        out.append(line + "\n", style=style)
+    out.rstrip()
+    return out
 
 
 NOT_SERVED = "(not served)"

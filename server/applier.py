@@ -22,6 +22,9 @@ from .store import InvalidInput, Version, VersionedStore, check_key, check_value
 from .waiters import Outcome
 
 KEEP_IDS = 100_000   # applied change ids remembered (part of the replicated state)
+HISTORY_DEFAULT = 1000               # versions per History page when the caller sets none
+HISTORY_MAX = 10_000                 # the most a caller may ask for
+HISTORY_PAGE_BYTES = 2 * 1024 * 1024  # of values per page: well under the 4 MiB gRPC default
 
 
 class Applier:
@@ -144,9 +147,26 @@ class Reader:
     def get(self, key: str, version: int | None = None):
         return self._a.store.get(key, version)
 
-    def history(self, key: str) -> tuple[list[Version], int]:
+    def history(self, key: str, limit: int = HISTORY_DEFAULT, before: int = 0,
+                max_bytes: int = HISTORY_PAGE_BYTES) -> tuple[list[Version], int, bool]:
+        """One page of ``key``'s live versions, newest first: those < ``before`` (all when
+        0), at most ``limit`` of them and, past the first, at most ``max_bytes`` of values
+        (so that no answer nears the gRPC message limit).  Returns (versions, highest
+        version ever, whether older live versions remain)."""
         store = self._a.store
-        return store.history(key), store.max_version(key)
+        page: list[Version] = []
+        size = 0
+        more = False
+        for v in store.history(key):
+            if before > 0 and v.number >= before:
+                continue
+            n = _utf8_len(v.value)
+            if len(page) >= limit or (page and size + n > max_bytes):
+                more = True
+                break
+            page.append(v)
+            size += n
+        return page, store.max_version(key), more
 
     def keys(self, prefix: str, limit: int, start_after: str | None):
         return self._a.store.keys(prefix, limit, start_after)
@@ -158,3 +178,7 @@ class Reader:
         """Every key's value at ``version`` (latest when None), one consistent cut."""
         with self._a.lock:
             return list(self._a.store.snapshot(version))
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))

@@ -23,6 +23,7 @@ import grpc
 from kvs_common import wire
 from kvs_proto import kvs_pb2, kvs_pb2_grpc
 
+from .applier import HISTORY_DEFAULT, HISTORY_MAX
 from .auth import OPEN_AUTHORITY, READ, WRITE, Authority
 from .node import Node, NotLeader
 from .store import INT32_MAX, InvalidInput, check_key, check_value
@@ -351,9 +352,11 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def History(self, request, context):
         await _require(self.auth, context, READ, request.chave)
-        versions, top = self.log.reader.history(request.chave)
+        limit = min(request.limit or HISTORY_DEFAULT, HISTORY_MAX)
+        versions, top, more = self.log.reader.history(request.chave, limit,
+                                                      max(0, request.before_version))
         return kvs_pb2.KeyHistory(
-            chave=request.chave, max_version=min(top, INT32_MAX),
+            chave=request.chave, max_version=min(top, INT32_MAX), more=more,
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
                                           node=v.node, seq=v.seq) for v in versions])
 

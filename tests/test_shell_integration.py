@@ -352,3 +352,111 @@ def test_tmux_tab_completion_and_history_table(cluster3, tmp_path):
                    "the shell to exit on Ctrl-D")
     finally:
         tmux("kill-server", check=False)
+
+
+# ---------------------------------------------------------------------------
+# History paging, diff and get --at against the real cluster
+# ---------------------------------------------------------------------------
+def _settled(c: Client, key: str, top: int) -> None:
+    """Wait until the server ``c`` reads from has applied ``key``'s version ``top``."""
+    wait_until(lambda: [v.version for v in c.history(key, limit=1).versions] == [top], 20,
+               f"{key}@{top} applied")
+
+
+def test_history_pages_by_count_and_by_bytes(cluster3, port, tmp_path):
+    from conftest import stub
+    from kvs_proto import kvs_pb2
+
+    key = "page-key"
+    with Client([cluster3.servers[0].address]) as c:
+        for i in range(1, 31):
+            assert c.put(key, f"value-{i:02d}").version == i
+        _settled(c, key, 30)
+        first = c.history(key, limit=25)
+        assert [v.version for v in first.versions] == list(range(30, 5, -1))
+        assert first.more is True and first.max_version == 30
+        rest = c.history(key, limit=25, before_version=first.versions[-1].version)
+        assert [v.version for v in rest.versions] == [5, 4, 3, 2, 1] and rest.more is False
+        assert [v.value for v in rest.versions] == [f"value-{i:02d}" for i in (5, 4, 3, 2, 1)]
+        # a removed version is skipped, and a page ending just above it says more
+        assert c.delete(key, 3).version == 3
+        wait_until(lambda: 3 not in [v.version for v in c.history(key).versions], 20)
+        page = c.history(key, limit=2, before_version=5)
+        assert [v.version for v in page.versions] == [4, 2] and page.more is True
+        assert c.history(key, limit=1, before_version=2).more is False
+
+        # no limit: the server's default (1000) covers all of them in one answer
+        raw = stub(cluster3.servers[0].address).ext.History(
+            kvs_pb2.HistoryRequest(chave=key), timeout=10)
+        assert len(raw.versions) == 29 and raw.more is False
+
+        # values of 1.5 MiB: a page holds one (2 MiB of values per page), whatever the limit
+        big = "big-key"
+        values = [chr(ord("a") + i) * (3 * 512 * 1024) for i in range(3)]
+        for i, v in enumerate(values, 1):
+            assert c.put(big, v).version == i
+        _settled(c, big, 3)
+        seen, before, pages = [], 0, 0
+        while True:
+            h = c.history(big, limit=10, before_version=before)
+            pages += 1
+            assert len(h.versions) == 1, "a page is cut at 2 MiB of values"
+            seen += [(v.version, v.value) for v in h.versions]
+            if not h.more:
+                break
+            before = h.versions[-1].version
+        assert pages == 3 and seen == [(3, values[2]), (2, values[1]), (1, values[0])]
+
+        # the shell's history pages too: --limit 25 shows the 25 newest
+        r = run_shell(["-p", port, "--format", "json", "-c", f"history {big}; history {key} --limit 25"],
+                      tmp_path=tmp_path)
+        assert r.returncode == 0, r.stderr
+        docs = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [v["version"] for v in docs[0]["versions"]] == [3, 2, 1] and not docs[0]["more"]
+        assert [v["version"] for v in docs[1]["versions"]] == list(range(30, 5, -1))
+        assert docs[1]["more"] is True
+
+
+def test_diff_and_get_at_through_the_shell(cluster3, port, tmp_path):
+    import datetime as dt
+
+    key = "tt-user"
+    docs = [{"name": "Ada", "langs": ["en"], "age": 36},
+            {"name": "Ada", "langs": ["en", "fr"], "age": 36},
+            {"name": "Ada Lovelace", "langs": ["en", "fr"], "age": 36}]
+    with Client([cluster3.servers[0].address]) as c:
+        stamps = []
+        for i, d in enumerate(docs, 1):
+            assert c.put(key, json.dumps(d)).version == i
+            _settled(c, key, i)
+            stamps.append(c.history(key, limit=1).versions[0].written_at)
+            # the next write must be later than a time picked between the two
+            wait_until(lambda: time.time() > stamps[-1] + 0.2, 5, "the clock moved on")
+
+    def iso(ts):
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+
+    script = (f"diff {key} 1 2\ndiff {key} 2\n"
+              f"get {key} --at {iso(stamps[1] + 0.1)}\n"
+              f"get {key} --at {iso(stamps[0] - 5)}\n"
+              f"get {key} --at 0s ago\n")
+    r = run_shell(["-p", port], stdin=script, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = lines[:lines.index(f"--- {key}@2")]
+    assert first[:2] == [f"--- {key}@1", f"+++ {key}@2"]
+    changed = [l for l in first[2:] if l[:1] in "+-"]
+    assert changed == ['-    "en"', '+    "en",', '+    "fr"']  # pretty-printed JSON fields
+    second = lines[lines.index(f"--- {key}@2"):-3]
+    assert [l for l in second[2:] if l[:1] in "+-"] == ['-  "name": "Ada"', '+  "name": "Ada Lovelace"']
+    assert lines[-3] == f"{key}\t2\t{json.dumps(docs[1])}"
+    assert lines[-2] == f"{key}\t(not found)"
+    assert lines[-1] == f"{key}\t3\t{json.dumps(docs[2])}"
+
+    r = run_shell(["-p", port, "-c", f"diff {key} 1 7"], tmp_path=tmp_path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == (f"error: diff {key}: version 7: not live (removed, or never "
+                                "written; highest ever 3)")
+    r = run_shell(["-p", port, "--format", "json", "-c", f"get {key} --at 1h ago"],
+                  tmp_path=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["found"] is False

@@ -1129,3 +1129,190 @@ def test_kvs_insecure_means_insecure_only_when_exactly_1(value, insecure):
     from kvs_cluster.__main__ import insecure_requested
     env = {} if value is None else {"KVS_INSECURE": value}
     assert insecure_requested(env) is insecure
+
+
+# ---------------------------------------------------------------------------
+# time travel: TIME forms, paging, --at, diff (a fake History service, no server)
+# ---------------------------------------------------------------------------
+from kvs_shell import timetravel as TT  # noqa: E402
+from kvs_shell.client import History, VersionInfo  # noqa: E402
+
+
+class _FakeHistory:
+    """KVSExt.History as the server pages it: newest first, < before_version, limit,
+    ``more`` when older live versions remain.  ``removed`` versions are not live."""
+
+    def __init__(self, n: int, value=lambda i: f"value-{i}", removed=(), t0: float = 1000.0):
+        self.versions = [VersionInfo(i, value(i), t0 + i, "node-1", i)
+                         for i in range(1, n + 1) if i not in removed]
+        self.top = n
+        self.calls: list[tuple[int, int]] = []
+
+    def history(self, key, limit=0, before_version=0):
+        self.calls.append((limit, before_version))
+        older = [v for v in reversed(self.versions)
+                 if not before_version or v.version < before_version]
+        page = older[:limit or 1000]
+        return History(key, page, self.top, "", len(older) > len(page))
+
+
+def _run(client, line):
+    return C.run(SimpleNamespace(client=client, timing=False), split_commands(line)[0])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("now", 10_000.0), ("30s ago", 9_970.0), ("5m ago", 9_700.0), ("2h ago", 2_800.0),
+    ("1d ago", 10_000.0 - 86_400), ("1.5h ago", 4_600.0), ("2 min ago", 9_880.0),
+    ("1970-01-01T02:46:40Z", 10_000.0), ("1970-01-01T03:46:40+01:00", 10_000.0),
+    ("1970-01-01 02:46:40.5+00:00", 10_000.5),
+])
+def test_parse_time_forms(text, expected):
+    assert TT.parse_time(text, now=10_000.0) == pytest.approx(expected)
+
+
+def test_parse_time_naive_iso_is_local_time():
+    import datetime as dt
+    assert TT.parse_time("2026-12-01T10:00:00") == dt.datetime(2026, 12, 1, 10).timestamp()
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "5 ago", "5x ago", "ago", "", "2026-13-01"])
+def test_parse_time_rejects_other_forms(bad):
+    with pytest.raises(TT.TimeError, match="ISO 8601"):
+        TT.parse_time(bad, now=0)
+
+
+def test_options_split_and_usage_errors():
+    hist, get = C.lookup("history"), C.lookup("get")
+    assert C.split_options(hist, ["abc", "--limit", "5", "--since=2h ago"]) == (
+        ["abc"], {"--limit": "5", "--since": "2h ago"})
+    assert C.split_options(get, ["abc", "--at", "5m", "ago"]) == (["abc"], {"--at": "5m ago"})
+    assert C.split_options(get, ["--", "--abc"]) == (["--abc"], {})
+    with pytest.raises(C.UsageError, match="unknown option '--nope'"):
+        C.split_options(hist, ["abc", "--nope", "1"])
+    with pytest.raises(C.UsageError, match="needs a value"):
+        C.split_options(hist, ["abc", "--limit"])
+    # options do not count as arguments; other commands take "--x" as a plain word
+    assert C.split_options(C.lookup("put"), ["abc", "--x"]) == (["abc", "--x"], {})
+    fake = _FakeHistory(3)
+    for line, err in (("history abc --limit 0", "at least 1"),
+                      ("history abc --limit x", "whole number"),
+                      ("history abc --since soon", "ISO 8601"),
+                      ("get abc 2 --at now", "either VERSION or --at"),
+                      ("history abc def", "usage: history")):
+        with pytest.raises(C.UsageError, match=err):
+            _run(fake, line)
+
+
+def test_history_pages_until_the_limit():
+    fake = _FakeHistory(30)
+    h = TT.collect_history(fake, "key", limit=25, page=10)
+    assert [v.version for v in h.versions] == list(range(30, 5, -1))
+    assert h.more is True and h.max_version == 30
+    assert fake.calls == [(10, 0), (10, 21), (5, 11)]  # asks only for what is missing
+    fake.calls.clear()
+    h = TT.collect_history(fake, "key", page=7)  # no limit: to the oldest
+    assert [v.version for v in h.versions] == list(range(30, 0, -1)) and h.more is False
+    assert [b for _, b in fake.calls] == [0, 24, 17, 10, 3]
+
+
+def test_history_since_stops_at_the_first_older_version():
+    fake = _FakeHistory(30, removed={20, 21})
+    h = TT.collect_history(fake, "key", since=1000 + 15, page=4)
+    assert [v.version for v in h.versions] == [30, 29, 28, 27, 26, 25, 24, 23, 22, 19, 18, 17,
+                                              16, 15]
+    assert h.more is True
+    assert all(b == 0 or b > 14 for _, b in fake.calls)  # stopped paging there
+    out, _ = render("plain", _run(fake, "history key --limit 2"))
+    assert [l.split("\t")[:2] for l in out.splitlines()] == [["30", "value-30"], ["29", "value-29"]]
+    doc = json.loads(render("json", _run(fake, "history key --limit 2"))[0])
+    assert doc["more"] is True and [v["version"] for v in doc["versions"]] == [30, 29]
+    out, _ = render("table", _run(fake, "history key --limit 2"))
+    assert "2 live versions shown (older ones remain)" in out
+
+
+def test_get_at_picks_the_greatest_version_written_by_then():
+    fake = _FakeHistory(30, removed={10})
+    assert TT.select_at(fake.versions, 1000 + 7.5).version == 7
+    assert TT.select_at(fake.versions, 999) is None
+    # clocks need not be monotonic: the greatest *version* written by then wins
+    skewed = [VersionInfo(3, "c", 50.0, "n", 3), VersionInfo(2, "b", 80.0, "n", 2),
+              VersionInfo(1, "a", 10.0, "n", 1)]
+    assert TT.select_at(skewed, 60.0).version == 3
+    v, top = TT.version_at(fake, "key", 1000 + 10.5, page=6)  # 10 removed: 9 was live
+    assert (v.version, top) == (9, 30)
+    assert [b for _, b in fake.calls] == [0, 25, 19, 13]
+    assert TT.version_at(fake, "key", 0)[0] is None
+    o = _run(fake, "get key --at 1970-01-01T00:16:50Z")  # 1010 s: version 10 removed
+    assert render("plain", o)[0] == "key\t9\tvalue-9\n"
+    doc = json.loads(render("json", o)[0])
+    assert doc["version"] == 9 and doc["found"] and doc["at"].startswith("1970-01-01T00:16:50")
+    o = _run(fake, "get key --at 1970-01-01T00:00:00Z")
+    assert o.ok and render("plain", o)[0] == "key\t(not found)\n"
+    assert "(not found)" in render("table", o)[0]
+
+
+def test_diff_of_plain_values_and_of_json_values():
+    fake = _FakeHistory(3, value=lambda i: f"line one\nline {i}\nline three")
+    out, _ = render("plain", _run(fake, "diff key 1 3"))
+    assert out.splitlines() == ["--- key@1", "+++ key@3", "@@ -1,3 +1,3 @@", " line one",
+                                "-line 1", "+line 3", " line three"]
+    out, _ = render("plain", _run(fake, "diff key 2"))  # V2: the latest
+    assert "-line 2" in out and "+line 3" in out
+    assert fake.calls[-2:] == [(1, 3), (1, 0)]  # one version per call
+    docs = [{"name": "ada", "roles": ["a"], "n": 1}, {"roles": ["a", "b"], "name": "ada", "n": 1}]
+    fake = _FakeHistory(2, value=lambda i: json.dumps(docs[i - 1]))
+    d = _run(fake, "diff key 1 2").data
+    assert d.as_json and [l for l in d.lines if l[:1] in "+-" and l[:3] not in ("+++", "---")] \
+        == ['-    "a"', '+    "a",', '+    "b"']
+    doc = json.loads(render("json", _run(fake, "diff key 1 2"))[0])
+    assert (doc["from"], doc["to"], doc["identical"], doc["json"]) == (1, 2, False, True)
+    table, _ = render("table", _run(fake, "diff key 1 2"))
+    assert "--- key@1" in table and '+    "b"' in table
+    colored = io.StringIO()
+    Renderer("table", out=colored, err=io.StringIO(), color=True, width=100).render(
+        _run(fake, "diff key 1 2"))
+    assert "\x1b[" in colored.getvalue()  # rich colours the + / - lines
+    same = _FakeHistory(2, value=lambda i: "same")
+    o = _run(same, "diff key 1 2")
+    assert o.data.identical and render("plain", o)[0] == ""
+    assert "have the same value" in render("table", o)[0]
+
+
+def test_diff_of_a_missing_version_is_a_clear_error():
+    fake = _FakeHistory(5, removed={2})
+    o = _run(fake, "diff key 2 4")
+    assert not o.ok and o.error == ("diff key: version 2: not live (removed, or never written; "
+                                    "highest ever 5)")
+    o = _run(fake, "diff key 1 9")
+    assert not o.ok and "version 9" in o.error
+    o = _run(_FakeHistory(0), "diff key 1")
+    assert not o.ok and "the key was never written" in o.error
+    out, _ = render("plain", o)
+    assert out == ""  # the error goes to stderr (the shell prints o.error)
+    with pytest.raises(C.UsageError, match="usage: diff"):
+        _run(fake, "diff key")
+
+
+def test_completion_of_options_times_and_diff_versions():
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+    fake = _FakeHistory(3)
+    comp = KVSCompleter(lambda: fake)
+
+    def texts(line):
+        return [c.text for c in comp.get_completions(Document(line), CompleteEvent())]
+
+    assert texts("history abc --") == ["--limit", "--since"]
+    assert texts("history abc --limit 5 --") == ["--since"]
+    assert texts("history abc --limit ") == ["10", "25", "100", "1000"]
+    assert texts("history abc --since ") == ["'5m ago'", "'1h ago'", "'1d ago'", "now"]
+    assert texts("get abc --a") == ["--at"]
+    assert texts("get abc --at 1") == ["'1h ago'", "'1d ago'"]
+    assert texts("diff abc ") == ["3", "2", "1"]
+    assert texts("diff abc 1 ") == ["3", "2", "1"]
+    assert texts("get abc --at now ") == ["3", "2", "1"]  # the VERSION position is still free
+    assert texts("del abc ") == ["3", "2", "1"]
+    frags = {t: s for s, t in highlight("history abc --limit 5 --since 2h ago; get abc --bad 1")}
+    assert frags["--limit"] == "class:kvs.option" and frags["5"] == "class:kvs.version"
+    assert frags["2h"] == frags["ago"] == "class:kvs.value"
+    assert "kvs.bad" in frags["--bad"]
