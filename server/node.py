@@ -279,10 +279,7 @@ class Node:
 
     def _propose(self, items: list[dict], size: int, now: float) -> None:
         if self.machine.propose({"ts": time.time(), "items": items}, size):
-            for it in items:
-                w = self.waiters._waiting.get(it["id"])
-                if w is not None:
-                    w.proposed_at = now
+            self.waiters.proposed((it["id"] for it in items), now)
         # else: no leader now; the ticker proposes again (or fails it: no quorum)
 
     # =====================================================================

@@ -89,6 +89,13 @@ class Waiters:
             self.fail(i, outcome)
         return len(ids)
 
+    def proposed(self, ids, now: float) -> None:
+        """The changes ``ids`` were just handed to the machine."""
+        for iid in ids:
+            w = self._waiting.get(iid)
+            if w is not None:
+                w.proposed_at = now
+
     def due(self, now: float, every: float) -> list[Waiter]:
         """Waiters never proposed, or proposed more than ``every`` seconds ago (a
         forwarded proposal may have been lost: the applier de-duplicates by id)."""
