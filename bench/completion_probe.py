@@ -124,7 +124,7 @@ def run(target: str, keys: int, key_prefix: str = "k", rounds: int = 200) -> dic
             "p50_ms": _pct(lats, 0.5) * 1000, "p99_ms": _pct(lats, 0.99) * 1000, "max_ms": max(lats) * 1000,
             "mean_completions": sum(counts) / len(counts), "empty_answers": empty, "samples": samples,
             "completer": type(comp).__name__,
-            "server_listings": getattr(getattr(comp, "keys", None), "fetches", None), "errors": 0}
+            "server_listings": getattr(getattr(comp, "refresher", None), "fetches", None), "errors": 0}
 
 
 def main(argv=None) -> int:

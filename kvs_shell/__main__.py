@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .client import (CONSISTENCY_LEVELS, DEFAULT_PORT, LOCAL, BadTarget, SecurityConfigError,
                      parse_servers, security_from, set_default_security)
-from .render import FORMATS
+from .formatters import FORMATS
 
 SERVERS_ENV = "KVS_SHELL_SERVERS"
 
@@ -66,6 +67,10 @@ def configure_security(args: argparse.Namespace) -> None:
         tls_cert=args.tls_cert, tls_key=args.tls_key, server_name=args.tls_server_name))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.port is not None:
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvs_shell: {exc}", file=sys.stderr)
         return 2
     shell.timing = args.timing
+    if not interactive:
+        # SIGTERM ends a script like Ctrl-C: a running watch stops cleanly (exit 0)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.commands is not None:
             return shell.run_lines([args.commands])

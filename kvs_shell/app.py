@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, TextIO
@@ -12,6 +11,7 @@ from .client import BadTarget, Client, ClientError, parse_servers
 from .completer import KVSCompleter
 from .parser import ParseError, split_commands
 from .render import Renderer
+from .views import StreamView
 
 HISTORY_ENV = "KVS_SHELL_HISTORY"
 
@@ -74,13 +74,21 @@ class Shell:
                 else f"switched to {where}{mode}, but no server answers yet")
 
     def wrote(self, keys) -> None:
-        self._written = list(keys)
+        """Keys a command wrote; None: unknown ones (import, compact, retention)."""
+        self._written = None if keys is None else list(keys)
+
+    def progress(self, label: str, unit: str):
+        """A progress callback for a long run (a bar when stdout is a terminal)."""
+        return self.renderer.progress(label, unit)
 
     def request_exit(self) -> None:
         self.exit_requested = True
 
     def identified(self, identity) -> None:
         self.identity = identity
+
+    def saw_nodes(self, nodes) -> None:
+        self.completer.saw_nodes(nodes)
 
     def security_text(self) -> str:
         """``TLS · admin [admin] via cert`` / ``plaintext, no credentials · ...``: the
@@ -101,27 +109,36 @@ class Shell:
     # -- running commands -----------------------------------------------------
     def run_words(self, words: list[str], where: str = "") -> bool:
         """Run one command; render its result or error. True if it succeeded."""
-        self._written: list[str] = []
+        self._written: list[str] | None = []
         started = time.perf_counter()
         ok = False
+        view = None
         try:
-            outcome = C.run(self, words)
+            view = C.run(self, words)
+            self.renderer.render(view)  # a StreamView runs on while it is rendered
         except C.UsageError as exc:
             self.renderer.error(where + str(exc))
         except ClientError as exc:
             self.renderer.error(where + str(exc))
         except KeyboardInterrupt:
-            self.renderer.error(where + "interrupted")
+            if isinstance(view, StreamView):  # Ctrl-C ends a watch: not a failure
+                close = getattr(view.items, "close", None)
+                if close is not None:
+                    close()
+                ok = view.ok
+                if not self.interactive:
+                    self.exit_requested = True  # a signal ends the script too
+            else:
+                self.renderer.error(where + "interrupted")
         else:
-            self.renderer.render(outcome)
-            ok = outcome.ok
-            if "nodes" in outcome.extra:
-                self.completer.saw_nodes(outcome.extra["nodes"])
+            ok = view.ok
             if not ok:
-                self.renderer.error(where + (outcome.error or "command failed"))
+                self.renderer.error(where + view.error)
         self.last_latency = time.perf_counter() - started
         self.last_ok = ok
-        if self._written:
+        if self._written is None:  # which keys is not known: everything is due again
+            self.completer.wrote(None)
+        elif self._written:
             added = []
             if ok and words and C.lookup(words[0]) and C.lookup(words[0]).name in ("put", "mput"):
                 added = self._written
@@ -159,7 +176,7 @@ class Shell:
         return 1 if self.failed else 0
 
     def close(self) -> None:
-        self.completer.keys.close()
+        self.completer.close()
         self.client.close()
 
     # -- interactive ----------------------------------------------------------

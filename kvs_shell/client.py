@@ -29,6 +29,9 @@ and secret files come from :mod:`kvs_common`.  A refused call raises
 (known, but its roles do not allow it), each with the server's reason.  A client built without
 an explicit ``security`` uses the module default, which ``kvs_shell`` and
 ``client.sh`` set from their flags / environment (:func:`security_from`).
+
+Long-lived streams (``watch``, ``export``) have no deadline and come back as a
+:class:`StreamHandle` that another thread can ``cancel()``.
 """
 from __future__ import annotations
 
@@ -110,6 +113,31 @@ class NoQuorum(ClientError):
 
 def is_no_quorum(reason: str) -> bool:
     return "no quorum" in (reason or "").lower()
+
+
+class InvalidArgument(ClientError, ValueError):
+    """The server refused the request's arguments (e.g. compact beyond the last position)."""
+
+
+class FailedPrecondition(ClientError):
+    """The server cannot do it in its current state (e.g. already compacted past it)."""
+
+
+class Compacted(FailedPrecondition):
+    """A watch start position older than the server keeps: re-read the snapshot, then
+    watch from ``oldest`` or later."""
+
+    def __init__(self, message: str, oldest: int = 0):
+        super().__init__(message)
+        self.oldest = oldest
+
+
+class WatchLagged(ClientError):
+    """The server dropped a watch that fell too far behind; watch again from ``resume``."""
+
+    def __init__(self, message: str, resume: int = 0):
+        super().__init__(message)
+        self.resume = resume
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +295,45 @@ class History:
 class KeyList:
     keys: list[str]
     truncated: bool
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of the replicated log, as a watch delivers it."""
+    position: int
+    op: str  # put | remove
+    key: str
+    version: int  # written, or removed (remove-all: the highest removed)
+    value: str = ""  # put only
+    node: str = ""  # the server the write came through
+    written_at: float = 0.0  # unix seconds, from the log entry
+    all_versions: bool = False  # remove: every live version of the key went
+
+
+@dataclass(frozen=True)
+class WatchMessage:
+    """One message of a watch: the first has no changes and ``head`` = the last position
+    the server had applied; each later one the changes of one applied batch (``head`` = the
+    batch's last position)."""
+    head: int
+    changes: list[Change]
+
+
+@dataclass(frozen=True)
+class RetentionInfo:
+    """What a server knows of retention (answer of compact and retention)."""
+    keep_versions: int  # 0: every live version kept
+    compacted: int  # position of the last compaction (0: never)
+    position: int  # last position applied on the answering server
+    oldest_watch: int  # oldest start position a watch can take there
+    dropped: int = 0  # compact / retention set: versions the change dropped
+
+
+@dataclass
+class ExportedKey:
+    key: str
+    max_version: int  # highest version the key ever had
+    versions: list[VersionInfo]  # live versions, ascending
 
 
 @dataclass
@@ -436,9 +503,9 @@ SERVICE_CONFIG = json.dumps({
 })
 
 
-def _request_id() -> tuple[tuple[str, str]]:
-    """Metadata with a fresh idempotency key for one write call."""
-    return ((REQUEST_ID_KEY, uuid.uuid4().hex),)
+def _request_id(given: str | None = None) -> tuple[tuple[str, str]]:
+    """Metadata with the idempotency key of one write call (``given``, else a fresh one)."""
+    return ((REQUEST_ID_KEY, given or uuid.uuid4().hex),)
 
 
 def check_consistency(level: str) -> str:
@@ -536,6 +603,73 @@ def _translate(exc: grpc.RpcError, where: str) -> ClientError:
 
 def _opt_version(v: int | None) -> dict:
     return {} if v is None else {"versao": int(v)}
+
+
+_OLDEST_RE = re.compile(r"oldest available position (\d+)")
+_RESUME_RE = re.compile(r"resume from position (\d+)")
+
+
+def _call_peer(call) -> str:
+    """The server a streaming call reached: grpc's ``peer()`` where the call object has it,
+    else ``kvs-node`` in the initial metadata, else ""."""
+    peer = ""
+    try:
+        if hasattr(call, "peer"):
+            peer = call.peer() or ""
+        else:
+            for k, v in call.initial_metadata() or ():
+                if k == NODE_KEY:
+                    peer = v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - not connected (yet)
+        return ""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            return peer[len(prefix):]
+    return peer
+
+
+class StreamHandle:
+    """A long-lived server stream (watch, export): iterate it in one thread, ``cancel()``
+    it from any other (Ctrl-C) -- the iteration then simply ends.  Errors come out of the
+    iteration as :class:`ClientError` subclasses.  ``server`` is the peer that answers
+    ("" until the first message)."""
+
+    def __init__(self, open_call, convert, translate):
+        self._open = open_call
+        self._convert = convert
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._call = None
+        self._cancelled = False
+        self.server = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def __iter__(self):
+        with self._lock:
+            if self._cancelled or self._call is not None:
+                return
+            self._call = call = self._open()
+        try:
+            for msg in call:
+                if not self.server:
+                    self.server = _call_peer(call)
+                yield from self._convert(msg)
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                return
+            raise self._translate(exc) from None
+        finally:
+            call.cancel()  # the consumer stopped early: free the stream (no-op once done)
 
 
 # ---------------------------------------------------------------------------
@@ -659,14 +793,15 @@ class Client:
             self._state = "down"
         return err
 
-    def _unary(self, method, request, timeout: float | None = None, metadata=None):
+    def _unary(self, method, request, timeout: float | None = None, metadata=None,
+               raise_as=None):
         started = time.perf_counter()
         try:
             resp, call = method.with_call(request, timeout=timeout or self.timeout,
                                           metadata=metadata)
         except grpc.RpcError as exc:
             self.last_latency = time.perf_counter() - started
-            raise self._failed(exc) from None
+            raise (raise_as or self._failed)(exc) from None
         self._note(call, started)
         return resp, _errors(call)
 
@@ -729,10 +864,14 @@ class Client:
                 out.append((err if not by_index else "") if bad else "")
         return out
 
-    def mput(self, pairs: Sequence[tuple[str, str]]) -> list[Written]:
+    def mput(self, pairs: Sequence[tuple[str, str]], request_id: str | None = None,
+             timeout: float | None = None) -> list[Written]:
+        """Inserts ``pairs`` in one stream.  ``request_id`` (8-64 of ``A-Za-z0-9_-``; default
+        a fresh one): the i-th change is ``<id>.<i>``, so resending the same pairs with the
+        same id applies nothing twice (while the cluster remembers the id)."""
         resps, err = self._stream(self._kvs.InsereVarias,
                                   (kvs_pb2.ChaveValor(chave=k, valor=v) for k, v in pairs),
-                                  metadata=_request_id())
+                                  timeout=timeout, metadata=_request_id(request_id))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         for (k, _v), r in zip(pairs, resps):
             self._remember(k, r.versao)
@@ -746,11 +885,12 @@ class Client:
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         return [Read(k, r.valor, r.versao, v, e) for (k, v), r, e in zip(items, resps, reasons)]
 
-    def mdel(self, items: Sequence[tuple[str, int | None]]) -> list[Written]:
+    def mdel(self, items: Sequence[tuple[str, int | None]], request_id: str | None = None,
+             timeout: float | None = None) -> list[Written]:
         resps, err = self._stream(
             self._kvs.RemoveVarias,
             (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items),
-            metadata=_request_id())
+            timeout=timeout, metadata=_request_id(request_id))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         for (k, _v), r in zip(items, resps):
             if r.versao > 0:
@@ -825,6 +965,96 @@ class Client:
         return MemberRemoval(node_id, bool(resp.ok), resp.error or ("" if resp.ok else err),
                              _members(resp.members))
 
+    # -- watch, export, retention ---------------------------------------------
+    def _ext_failed(self, exc: grpc.RpcError) -> ClientError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(details or "invalid argument")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and not is_no_quorum(details):
+            return FailedPrecondition(details or "failed precondition")
+        return self._failed(exc)
+
+    def _watch_failed(self, exc: grpc.RpcError) -> ClientError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        text = f"{details} {_errors(exc)}"
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "compacted" in text.lower():
+            m = _OLDEST_RE.search(text)
+            return Compacted(f"watch: {details}", int(m.group(1)) if m else 0)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            m = _RESUME_RE.search(text)
+            return WatchLagged(f"watch: {details}", int(m.group(1)) if m else 0)
+        if code == grpc.StatusCode.CANCELLED:  # not by us: the server dropped the stream
+            self._state = "down"
+            return ServerUnavailable(f"server {self.label} closed the watch ({details or 'cancelled'})")
+        return self._ext_failed(exc)
+
+    def watch(self, prefix: str = "", start: int = 0) -> StreamHandle:
+        """Changes to keys starting with ``prefix`` from position ``start`` (0: from now):
+        a :class:`StreamHandle` of :class:`WatchMessage`, the first with no changes.  No
+        deadline (it lasts until cancelled or the server goes); failures come out of the
+        iteration as :class:`Compacted`, :class:`WatchLagged`, :class:`ServerUnavailable`,
+        ...  Resuming after a break without gaps: :class:`kvs_shell.watching.Follower`."""
+        request = kvs_pb2.WatchRequest(prefix=prefix, start_position=max(0, int(start)))
+
+        def convert(resp):
+            yield WatchMessage(resp.head, [
+                Change(c.position, c.op, c.chave, c.versao, c.valor, c.node, c.written_at,
+                       c.all_versions) for c in resp.changes])
+
+        return StreamHandle(lambda: self._ext.Watch(request, timeout=None),
+                            convert, self._watch_failed)
+
+    def export(self, prefix: str = "", timeout: float | None = None) -> StreamHandle:
+        """Every live version of every key starting with ``prefix``, as of one position: a
+        :class:`StreamHandle` of ``(position, ExportedKey)``, keys sorted, versions
+        ascending, streamed chunk by chunk (never the whole store in memory).  The handle's
+        ``position`` is the export's position once a chunk came (also when no key matched).
+        Honours this client's read consistency.  No deadline unless ``timeout`` is given."""
+        request = kvs_pb2.ExportRequest(prefix=prefix)
+        md = read_metadata(self.consistency)
+
+        def convert(chunk):
+            if handle.position is None:
+                handle.position = chunk.position
+            elif chunk.position != handle.position:
+                raise ClientError(f"export: chunks of positions {handle.position} and "
+                                  f"{chunk.position} in one stream")
+            for k in chunk.keys:
+                yield chunk.position, ExportedKey(
+                    k.chave, k.max_version,
+                    [VersionInfo(v.versao, v.valor, v.written_at, v.node, v.seq)
+                     for v in k.versions])
+
+        handle = StreamHandle(lambda: self._ext.Export(request, timeout=timeout, metadata=md),
+                              convert, self._ext_failed)
+        handle.position = None
+        return handle
+
+    def compact(self, position: int, timeout: float | None = None) -> RetentionInfo:
+        """Drops every version superseded by a version written before ``position``, on
+        every replica (admin).  :class:`InvalidArgument` beyond the last applied position,
+        :class:`FailedPrecondition` when already compacted past it, :class:`NoQuorum`,
+        :class:`PermissionDenied`."""
+        resp, _ = self._unary(self._ext.Compact, kvs_pb2.CompactRequest(position=int(position)),
+                              timeout=timeout or max(self.timeout, 30.0),
+                              metadata=_request_id(), raise_as=self._ext_failed)
+        return _retention(resp)
+
+    def retention(self, keep: int | None = None) -> RetentionInfo:
+        """The retention policy (``keep=None``), or sets it: keep at most ``keep`` live
+        versions per key (0: all) on every replica (admin)."""
+        if keep is None:
+            request, md = kvs_pb2.RetentionRequest(set=False), None
+        else:
+            if keep < 0:
+                raise InvalidArgument("keep must be >= 0 (0: keep every version)")
+            request, md = kvs_pb2.RetentionRequest(set=True, keep_versions=int(keep)), _request_id()
+        resp, _ = self._unary(self._ext.Retention, request, metadata=md,
+                              raise_as=self._ext_failed)
+        return _retention(resp)
+
     def status(self, address: str | None = None, timeout: float = 1.5) -> NodeStatus:
         """Status of the server at ``address``, or of whichever server of the target
         answers (its ``address`` is then the peer that answered)."""
@@ -875,6 +1105,10 @@ class Client:
                 st.node_id = peer_names.get(st.address, "")
             out.append(st)
         return out
+
+
+def _retention(r) -> RetentionInfo:
+    return RetentionInfo(r.keep_versions, r.compacted, r.position, r.oldest_watch, r.dropped)
 
 
 def _node_status(address: str, r) -> NodeStatus:

@@ -1,19 +1,26 @@
 """The command table: name, aliases, arguments, help text and handler of every command.
 
 A handler takes the :class:`Context` (the running shell) and the command's
-words, and returns an :class:`Outcome` for the renderer.  Invalid input raises
-:class:`UsageError`; a server that cannot be reached raises a
-``client.ClientError``.  A -1 / blank answer from the server is an Outcome
-with ``ok=False`` and the server's reason in ``error``.
+words, and returns a view (``views.py``) that the formatters print.  Invalid input
+raises :class:`UsageError`; a server that cannot be reached raises a
+``client.ClientError``.  A -1 / blank answer from the server is a view with the
+reason in ``error`` (a failed command).
+
+Adding a command: a handler returning a view, and its entry in :data:`COMMANDS`.
 
 No grpc here: the client is reached only through the Context.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 from . import timetravel as TT
+from . import views as V
+from .parser import quote
+from .views import MessageView, StreamView, View
 
 MIN_LEN = 3
 INT32_MAX = 2**31 - 1
@@ -21,15 +28,6 @@ INT32_MAX = 2**31 - 1
 
 class UsageError(ValueError):
     """Invalid input: wrong arguments, a too-short key, a bad version..."""
-
-
-@dataclass
-class Outcome:
-    kind: str  # selects the renderer: put, get, del, mput, mget, mdel, snapshot, ...
-    data: Any = None
-    ok: bool = True
-    error: str = ""  # why the command failed (ok=False)
-    extra: dict = field(default_factory=dict)
 
 
 class Context(Protocol):  # what handlers need from the shell
@@ -40,6 +38,10 @@ class Context(Protocol):  # what handlers need from the shell
     def wrote(self, keys: Sequence[str]) -> None: ...
     def request_exit(self) -> None: ...
     def identified(self, identity: Any) -> None: ...
+    def saw_nodes(self, nodes: Iterable[tuple[str, str]]) -> None: ...  # for completion
+    # optional (a context without them gets the defaults, see _interactive/_progress):
+    # interactive: bool -- a person at the prompt (Ctrl-C ends a watch, not the shell)
+    # def progress(self, label: str, unit: str) -> ContextManager[callback | None]
 
 
 # argument kinds drive completion and highlighting; a kind with a "|" is a fixed choice
@@ -47,6 +49,7 @@ KEY, VALUE, VERSION, PREFIX, KEYVER, PAIRS, ONOFF, COMMAND, SERVER = (
     "key", "value", "version", "prefix", "key[@ver]", "pairs", "on|off", "command", "server")
 LEVEL, MEMBER_ACTION, NODE = "local|linearizable", "list|remove", "node"
 TIME, COUNT, OPTION = "time", "count", "option"  # an option's value kinds, and its name
+POSITION, KEEP, FILE = "position", "keep", "file"  # a log position, versions kept, a path
 
 
 def choices(kind: str | None) -> tuple[str, ...]:
@@ -69,7 +72,7 @@ class Command:
     summary: str
     meaning: str
     example: str
-    handler: Callable[[Context, list[str]], Outcome]
+    handler: Callable[..., View]
     args: tuple[str, ...] = ()  # kinds of the positional args; PAIRS/KEYVER repeat
     min_args: int = 0
     max_args: int | None = 0  # None: unlimited
@@ -200,15 +203,14 @@ def _arity(cmd: Command, args: list[str]) -> None:
 # ---------------------------------------------------------------------------
 # handlers
 # ---------------------------------------------------------------------------
-def do_put(ctx: Context, args: list[str]) -> Outcome:
+def do_put(ctx: Context, args: list[str]) -> View:
     key, value = check_key(args[0]), check_value(args[1])
     r = ctx.client.put(key, value)
     ctx.wrote([key])
-    return Outcome("put", r, ok=r.ok,
-                   error="" if r.ok else _refused("put", key, r.error, r.no_quorum))
+    return V.written_view("put", r, "" if r.ok else _refused("put", key, r.error, r.no_quorum))
 
 
-def do_get(ctx: Context, args: list[str], opts: dict | None = None) -> Outcome:
+def do_get(ctx: Context, args: list[str], opts: dict | None = None) -> View:
     key = check_key(args[0])
     if opts and "--at" in opts:
         if len(args) > 1:
@@ -216,9 +218,8 @@ def do_get(ctx: Context, args: list[str], opts: dict | None = None) -> Outcome:
         return _get_at(ctx, key, opts["--at"])
     version = parse_version(args[1]) if len(args) > 1 else None
     r = ctx.client.get(key, version)
-    if _unserved(r):
-        return Outcome("get", r, ok=False, error=_not_read("get", key, r.error, r.no_quorum))
-    return Outcome("get", r)  # not found is a normal answer
+    # not found is a normal answer; not served is a failure
+    return V.read_view(r, _not_read("get", key, r.error, r.no_quorum) if _unserved(r) else "")
 
 
 def _time(text: str) -> float:
@@ -228,22 +229,21 @@ def _time(text: str) -> float:
         raise UsageError(str(exc)) from None
 
 
-def _get_at(ctx: Context, key: str, text: str) -> Outcome:
+def _get_at(ctx: Context, key: str, text: str) -> View:
     when = _time(text)
     v, top = TT.version_at(ctx.client, key, when)
-    return Outcome("get_at", TT.AsOf(key, when, v, top))  # not found is a normal answer
+    return V.as_of_view(TT.AsOf(key, when, v, top))  # not found is a normal answer
 
 
-def do_del(ctx: Context, args: list[str]) -> Outcome:
+def do_del(ctx: Context, args: list[str]) -> View:
     key = check_key(args[0])
     version = parse_version(args[1]) if len(args) > 1 else None
     r = ctx.client.delete(key, version)
     ctx.wrote([key])
-    return Outcome("del", r, ok=r.ok,
-                   error="" if r.ok else _refused("del", key, r.error, r.no_quorum))
+    return V.written_view("del", r, "" if r.ok else _refused("del", key, r.error, r.no_quorum))
 
 
-def do_mput(ctx: Context, args: list[str]) -> Outcome:
+def do_mput(ctx: Context, args: list[str]) -> View:
     if len(args) % 2:
         raise UsageError("usage: mput KEY VALUE [KEY VALUE ...] (pairs: the last value is missing)")
     pairs = [(check_key(args[i]), check_value(args[i + 1])) for i in range(0, len(args), 2)]
@@ -252,12 +252,12 @@ def do_mput(ctx: Context, args: list[str]) -> Outcome:
     return _batch("mput", rows)
 
 
-def do_mget(ctx: Context, args: list[str]) -> Outcome:
+def do_mget(ctx: Context, args: list[str]) -> View:
     items = [split_keyver(w) for w in args]
     rows = ctx.client.mget(items)
     bad = [r for r in rows if _unserved(r)]
-    err = "; ".join(_not_read("mget", r.key, r.error, r.no_quorum) for r in bad)
-    return Outcome("mget", rows, ok=not bad, error=err)
+    return V.reads_view(rows, "; ".join(_not_read("mget", r.key, r.error, r.no_quorum)
+                                        for r in bad))
 
 
 def _unserved(r) -> bool:
@@ -266,17 +266,17 @@ def _unserved(r) -> bool:
     return not r.found and bool(r.error)
 
 
-def do_mdel(ctx: Context, args: list[str]) -> Outcome:
+def do_mdel(ctx: Context, args: list[str]) -> View:
     items = [split_keyver(w) for w in args]
     rows = ctx.client.mdel(items)
     ctx.wrote([k for k, _ in items])
     return _batch("mdel", rows)
 
 
-def _batch(kind: str, rows) -> Outcome:
+def _batch(op: str, rows) -> View:
     bad = [r for r in rows if not r.ok]
-    err = "; ".join(_refused(kind, r.key, r.error, r.no_quorum) for r in bad)
-    return Outcome(kind, rows, ok=not bad, error=err)
+    return V.batch_view(op, rows, "; ".join(_refused(op, r.key, r.error, r.no_quorum)
+                                            for r in bad))
 
 
 NO_QUORUM_WRITE = ("not acknowledged: the server cannot reach a majority of the cluster's "
@@ -295,15 +295,13 @@ def _not_read(op: str, key: str, reason: str, no_quorum: bool = False) -> str:
     return text + (f" ({NO_QUORUM_READ})" if no_quorum else "")
 
 
-def do_snapshot(ctx: Context, args: list[str]) -> Outcome:
+def do_snapshot(ctx: Context, args: list[str]) -> View:
     version = parse_version(args[0]) if args else 0
     rows, err = ctx.client.snapshot(version)
     if err:  # the server sends a reason only when it did not serve the snapshot
-        return Outcome("snapshot", rows, ok=False, extra={"version": version},
-                       error=_not_read("snapshot", f"at version {version or 'latest'}", err,
-                                       "no quorum" in err.lower()))
-    extra: dict = {"version": version, "details": _written_through(ctx, rows)}
-    return Outcome("snapshot", rows, extra=extra)
+        return View(error=_not_read("snapshot", f"at version {version or 'latest'}", err,
+                                    "no quorum" in err.lower()))
+    return V.snapshot_view(rows, version, _written_through(ctx, rows))
 
 
 SNAPSHOT_DETAILS = 100  # up to this many keys, snapshot also shows node / time of each row
@@ -327,16 +325,15 @@ def _written_through(ctx: Context, rows) -> dict:
         return {k: v for k, v in pool.map(one, rows) if v is not None}
 
 
-def do_history(ctx: Context, args: list[str], opts: dict | None = None) -> Outcome:
+def do_history(ctx: Context, args: list[str], opts: dict | None = None) -> View:
     key = check_key(args[0])
     opts = opts or {}
     limit = parse_count(opts["--limit"]) if "--limit" in opts else None
     since = _time(opts["--since"]) if "--since" in opts else None
-    h = TT.collect_history(ctx.client, key, limit, since)
-    return Outcome("history", h, extra={"limit": limit, "since": since})
+    return V.history_view(TT.collect_history(ctx.client, key, limit, since))
 
 
-def do_diff(ctx: Context, args: list[str]) -> Outcome:
+def do_diff(ctx: Context, args: list[str]) -> View:
     key = check_key(args[0])
     v1 = parse_version(args[1])
     v2 = parse_version(args[2]) if len(args) > 2 else None
@@ -349,12 +346,11 @@ def do_diff(ctx: Context, args: list[str]) -> Outcome:
     if missing:
         why = ("the key was never written" if not top
                else f"not live (removed, or never written; highest ever {top})")
-        return Outcome("diff", None, ok=False,
-                       error=f"diff {key}: {' and '.join(missing)}: {why}")
-    return Outcome("diff", TT.diff_versions(key, old, new))
+        return View(error=f"diff {key}: {' and '.join(missing)}: {why}")
+    return V.diff_view(TT.diff_versions(key, old, new))
 
 
-def do_keys(ctx: Context, args: list[str]) -> Outcome:
+def do_keys(ctx: Context, args: list[str]) -> View:
     prefix = args[0] if args else ""
     keys: list[str] = []
     after = ""
@@ -364,40 +360,40 @@ def do_keys(ctx: Context, args: list[str]) -> Outcome:
         if not page.truncated or not page.keys:
             break
         after = page.keys[-1]
-    return Outcome("keys", keys, extra={"prefix": prefix})
+    return V.keys_view(prefix, keys)
 
 
-def do_status(ctx: Context, args: list[str]) -> Outcome:
+def do_status(ctx: Context, args: list[str]) -> View:
     nodes = ctx.client.cluster_status()
-    down = [n for n in nodes if not n.up]
     seen = node_names(m for n in nodes for m in n.members)
-    seen += [(n.node_id, n.advertised or n.address) for n in nodes if n.node_id]
-    return Outcome("status", nodes, extra={"down": len(down), "nodes": seen})
+    ctx.saw_nodes(seen + [(n.node_id, n.advertised or n.address) for n in nodes if n.node_id])
+    return V.status_view(nodes)
 
 
 def node_names(members) -> list[tuple[str, str]]:
-    """(node id, description) of members, for completing NODE (``extra["nodes"]``)."""
+    """(node id, description) of members, for completing NODE (``Context.saw_nodes``)."""
     return [(m.node_id, " ".join(x for x in (m.address, m.role) if x)) for m in members]
 
 
-def do_member(ctx: Context, args: list[str]) -> Outcome:
+def do_member(ctx: Context, args: list[str]) -> View:
     action = args[0].lower() if args else "list"
     if action == "list":
         if len(args) > 1:
             raise UsageError("usage: member list")
         ml = ctx.client.member_list()
-        return Outcome("members", ml, extra={"nodes": node_names(ml.members)})
+        ctx.saw_nodes(node_names(ml.members))
+        return V.member_list_view(ml)
     if action == "remove":
         if len(args) != 2:
             raise UsageError("usage: member remove NODE")
         node = args[1]
         r = ctx.client.member_remove(node)
         if not r.ok:
-            return Outcome("member_remove", r, ok=False,
-                           error=_refused("member remove", node, r.error, r.no_quorum))
-        members = r.members or _best_effort_members(ctx)
-        r.members = members
-        return Outcome("member_remove", r, extra={"nodes": node_names(members)})
+            return V.member_removed_view(r, _refused("member remove", node, r.error,
+                                                     r.no_quorum))
+        r.members = r.members or _best_effort_members(ctx)
+        ctx.saw_nodes(node_names(r.members))
+        return V.member_removed_view(r)
     raise UsageError("usage: member list | member remove NODE")
 
 
@@ -409,13 +405,13 @@ def _best_effort_members(ctx: Context) -> list:
         return []
 
 
-def do_whoami(ctx: Context, args: list[str]) -> Outcome:
+def do_whoami(ctx: Context, args: list[str]) -> View:
     ident = ctx.client.whoami()
     ctx.identified(ident)
-    return Outcome("whoami", ident, extra={"security": ctx.client.security.describe()})
+    return V.whoami_view(ident, ctx.client.security.describe())
 
 
-def do_consistency(ctx: Context, args: list[str]) -> Outcome:
+def do_consistency(ctx: Context, args: list[str]) -> View:
     if args:
         level = args[0].lower()
         if level not in choices(LEVEL):
@@ -424,15 +420,14 @@ def do_consistency(ctx: Context, args: list[str]) -> Outcome:
     what = ("reads confirm with a quorum that they see every acknowledged write (ReadIndex)"
             if ctx.client.consistency == "linearizable"
             else "reads answer from the server's own state")
-    return Outcome("info", f"consistency is {ctx.client.consistency}: {what}")
+    return MessageView(message=f"consistency is {ctx.client.consistency}: {what}")
 
 
-def do_connect(ctx: Context, args: list[str]) -> Outcome:
-    msg = ctx.connect(args[0])
-    return Outcome("info", msg)
+def do_connect(ctx: Context, args: list[str]) -> View:
+    return MessageView(message=ctx.connect(args[0]))
 
 
-def do_timing(ctx: Context, args: list[str]) -> Outcome:
+def do_timing(ctx: Context, args: list[str]) -> View:
     if args:
         word = args[0].lower()
         if word not in ("on", "off"):
@@ -440,21 +435,199 @@ def do_timing(ctx: Context, args: list[str]) -> Outcome:
         ctx.timing = word == "on"
     else:
         ctx.timing = not ctx.timing
-    return Outcome("info", f"timing is {'on' if ctx.timing else 'off'}")
+    return MessageView(message=f"timing is {'on' if ctx.timing else 'off'}")
 
 
-def do_help(ctx: Context, args: list[str]) -> Outcome:
+def do_help(ctx: Context, args: list[str]) -> View:
     if args:
         cmd = lookup(args[0])
         if cmd is None:
             raise UsageError(f"unknown command {args[0]!r}; type help for the list")
-        return Outcome("help", [cmd], extra={"detail": True})
-    return Outcome("help", list(COMMANDS), extra={"detail": False})
+        return V.help_view([cmd], detail=True)
+    return V.help_view(COMMANDS, detail=False)
 
 
-def do_exit(ctx: Context, args: list[str]) -> Outcome:
+def do_exit(ctx: Context, args: list[str]) -> View:
     ctx.request_exit()
-    return Outcome("none")
+    return View()
+
+
+# ---------------------------------------------------------------------------
+# watch, export / import, compaction and retention
+# ---------------------------------------------------------------------------
+WATCH_RECONNECT_TIMEOUT = 30.0  # s with no server answering before a watch fails
+WATCH_BACKOFF = 0.05  # s before the first new try after a break (doubling, at most 1 s)
+
+
+def parse_position(text: str, what: str = "position") -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: expected a log position (a whole "
+                         "number, as history's seq column shows)") from None
+    if n < 1:
+        raise UsageError(f"invalid {what} {n}: positions start at 1")
+    return n
+
+
+def parse_keep(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"invalid retention {text!r}: expected the number of versions to "
+                         "keep per key (0: all)") from None
+    if n < 0 or n > INT32_MAX:
+        raise UsageError(f"invalid retention {n}: 0 (keep every version) to {INT32_MAX}")
+    return n
+
+
+def _interactive(ctx: Context) -> bool:
+    return bool(getattr(ctx, "interactive", False))
+
+
+def _progress(ctx: Context, label: str, unit: str) -> ContextManager:
+    """A progress callback from the shell (a bar on a terminal), or None."""
+    make = getattr(ctx, "progress", None)
+    return make(label, unit) if make is not None else contextlib.nullcontext(None)
+
+
+def _watch_cmd(prefix: str, start: int | None = None) -> str:
+    """The command that watches ``prefix`` (from ``start``), for hints."""
+    words = ["watch"] + ([quote(prefix)] if prefix else []) + (
+        ["--from", str(start)] if start else [])
+    return " ".join(words)
+
+
+def do_watch(ctx: Context, args: list[str], opts: dict | None = None) -> View:
+    prefix = args[0] if args else ""
+    opts = opts or {}
+    start = parse_position(opts["--from"], "--from") if "--from" in opts else None
+    from .watching import Follower
+    follower = Follower(ctx.client, prefix, start, reconnect_timeout=WATCH_RECONNECT_TIMEOUT,
+                        initial_backoff=WATCH_BACKOFF)
+    view = StreamView()
+    view.items = _watch_items(ctx, follower, view, prefix, start)
+    return view
+
+
+def _watch_items(ctx: Context, follower, view: StreamView, prefix: str,
+                 start: int | None) -> Iterator[View]:
+    """The changes as views (rows), with dim lines for what happens to the stream.
+    Ctrl-C (or SIGTERM outside the interactive shell) ends it as a success."""
+    from .client import ClientError, Compacted
+    from .watching import Connected, Reconnecting, Resumed
+
+    what = f"keys starting with {prefix!r}" if prefix else "every key"
+    shown = 0
+
+    def dim(message: str) -> MessageView:
+        return MessageView(message=message, style="dim")
+
+    try:
+        for ev in follower:
+            if isinstance(ev, Connected):
+                yield dim(f"watching {what} on {ev.server or ctx.client.label} from position "
+                          f"{ev.next_position} (Ctrl-C stops)")
+                yield V.watch_header_view()
+            elif isinstance(ev, Reconnecting):
+                why = "the server dropped this watch for falling behind" if ev.lagged else ev.reason
+                yield dim(f"reconnecting (attempt {ev.attempt}): {why}; resuming at position "
+                          f"{ev.next_position}")
+            elif isinstance(ev, Resumed):
+                yield dim(f"resumed on {ev.server or ctx.client.label} at position "
+                          f"{ev.next_position}")
+            else:
+                shown += 1
+                yield V.change_view(ev)
+    except KeyboardInterrupt:  # Ctrl-C: the normal end of a watch
+        follower.stop()
+        if not _interactive(ctx):
+            ctx.request_exit()  # a signal ends the script too
+        resume = follower.next_position
+        yield dim(f"watch stopped after {V.plural(shown, 'change')}"
+                  + (f"; `{_watch_cmd(prefix, resume)}` goes on from here" if resume else ""))
+    except Compacted as exc:
+        asked = follower.next_position or start or 0
+        view.error = (
+            f"watch {what}: position {asked} is compacted: the oldest position the servers "
+            f"still have is {exc.oldest}. Re-read the current state (`export FILE"
+            f"{' ' + quote(prefix) if prefix else ''}` records the position P it is as of), "
+            f"then `{_watch_cmd(prefix)} --from` P+1; or `{_watch_cmd(prefix)}` from now")
+    except ClientError as exc:
+        resume = follower.next_position
+        view.error = (f"watch {what}: {exc}"
+                      + (f"; `{_watch_cmd(prefix, resume)}` resumes without a gap"
+                         if resume else ""))
+    finally:
+        follower.stop()
+
+
+def do_export(ctx: Context, args: list[str]) -> View:
+    path = os.path.expanduser(args[0])
+    prefix = args[1] if len(args) > 1 else ""
+    from .client import ClientError
+    from .transfer import export_to
+    try:
+        with _progress(ctx, f"exporting {prefix!r}" if prefix else "exporting", "keys") as bar:
+            summary = export_to(ctx.client, path, prefix, progress=bar)
+    except OSError as exc:
+        return View(error=f"export {args[0]}: cannot write the file: {exc.strerror or exc}")
+    except ClientError as exc:
+        return View(error=f"export {args[0]}: {exc} (no file was written)")
+    return V.export_view(summary)
+
+
+def do_import(ctx: Context, args: list[str]) -> View:
+    path = os.path.expanduser(args[0])
+    from .transfer import BadExportFile, ImportFailed, import_from
+    try:
+        with _progress(ctx, "importing", "versions") as bar:
+            summary = import_from(ctx.client, path, progress=bar)
+    except BadExportFile as exc:
+        return View(error=f"import {args[0]}: not a valid export file: {exc}; nothing was "
+                          "imported")
+    except ImportFailed as exc:
+        ctx.wrote(None)
+        return V.import_view(exc.summary, error=(
+            f"import {args[0]}: {exc}. Rerun is safe: `import {quote(args[0])}` again skips "
+            "what is in and goes on"))
+    except UnicodeDecodeError:
+        return View(error=f"import {args[0]}: not a valid export file: not UTF-8 text; "
+                          "nothing was imported")
+    except OSError as exc:
+        return View(error=f"import {args[0]}: cannot read the file: {exc.strerror or exc}")
+    ctx.wrote(None)  # keys unknown here: every cached listing is due again
+    return V.import_view(summary)
+
+
+def do_compact(ctx: Context, args: list[str]) -> View:
+    position = parse_position(args[0])
+    from .client import FailedPrecondition, InvalidArgument
+    try:
+        info = ctx.client.compact(position)
+    except (InvalidArgument, FailedPrecondition) as exc:
+        return View(error=f"compact {position}: {exc}",
+                    records=[{"op": "compact", "position": position, "ok": False,
+                              "error": str(exc)}])
+    ctx.wrote(None)
+    return V.retention_view(info, "compact", note=(
+        f"compacted at position {position}: {V.plural(info.dropped, 'version')} dropped; "
+        f"watches can start at position {info.oldest_watch} or later"))
+
+
+def do_retention(ctx: Context, args: list[str]) -> View:
+    if not args:
+        return V.retention_view(ctx.client.retention())
+    keep = parse_keep(args[0])
+    from .client import InvalidArgument
+    try:
+        info = ctx.client.retention(keep)
+    except InvalidArgument as exc:
+        return View(error=f"retention {keep}: {exc}")
+    ctx.wrote(None)
+    policy = f"at most {V.plural(keep, 'live version')} per key" if keep else "every version"
+    return V.retention_view(info, "retention set", note=(
+        f"now keeping {policy}: {V.plural(info.dropped, 'version')} dropped"))
 
 
 AT_OPTION = Option("--at", TIME, "the version live at TIME (ISO 8601 or 5m ago)")
@@ -509,6 +682,50 @@ COMMANDS: list[Command] = [
             "out). JSON objects and arrays are pretty-printed (sorted keys) first, so the diff "
             "shows the fields that changed. A version that is not live is an error.",
             "diff user:1 1 3", do_diff, (KEY, VERSION, VERSION), 2, 3),
+    Command("watch", (), "watch [PREFIX] [--from POSITION]",
+            "follow the changes under PREFIX as they are committed",
+            "Prints every change (put or remove) to a key starting with PREFIX as it is "
+            "committed, one row each: position, time, op (put, del, del* = every version), "
+            "key, version, node it was written through, value. Without --from it starts "
+            "from now; --from POSITION replays from that log position on (history's seq "
+            "column) and goes on live. With several --servers the watch moves to another "
+            "server when its server fails and resumes at the next position: no change is "
+            "missed or shown twice. Ctrl-C stops it. Piped, or with --format plain/json, it "
+            "writes one JSON object per change (position, op, key, version, value, node, "
+            "written_at, all_versions), flushed at once, like etcdctl watch. A position "
+            "older than the servers keep (compacted) fails, naming the oldest available one.",
+            "watch app/ --from 120", do_watch, (PREFIX,), 0, 1,
+            (Option("--from", POSITION, "replay from this log position (history's seq)"),)),
+    Command("export", (), "export FILE [PREFIX]",
+            "save every live version (of keys under PREFIX) to a file",
+            "Writes every live version of every key starting with PREFIX (all keys without "
+            "it), with when and through which node it was written, to FILE as JSON Lines, "
+            "all as of one log position (the first line records it). The file is written "
+            "aside and renamed into place when complete (mode 0600). A progress bar shows on "
+            "a terminal for long runs.", "export backup.jsonl app/", do_export,
+            (FILE, PREFIX), 1, 2),
+    Command("import", (), "import FILE", "write the versions of an export file",
+            "Checks the whole file first (a bad line is reported by number and nothing is "
+            "written), then writes its versions in batches of 500 lines. On a key that is "
+            "new here the version numbers are kept (gaps are filled with placeholders that "
+            "are removed at once); a key that has versions here already gets the file's "
+            "appended (reported as renumbered). Each batch carries an idempotency id, so "
+            "running the same import again after a failure is safe: what is in is skipped.",
+            "import backup.jsonl", do_import, (FILE,), 1, 1),
+    Command("compact", (), "compact POSITION",
+            "drop every version superseded before POSITION (admin)",
+            "Per key, every version superseded by a version written before log POSITION is "
+            "dropped on every server; the version live at POSITION stays, with everything "
+            "newer. Watches can then start at POSITION or later. TAB offers the current "
+            "position (`retention` shows it). Beyond the last position, or at or below the "
+            "last compaction, it is refused.", "compact 1200", do_compact, (POSITION,), 1, 1),
+    Command("retention", (), "retention [N]",
+            "show the retention policy, or keep N versions per key (admin)",
+            "Without N shows how many live versions each key keeps (0: all), the position of "
+            "the last compaction, the current log position and the oldest position a watch "
+            "can start at. With N (admin) keeps at most the newest N live versions of every "
+            "key from now on, on every server, and says how many versions that dropped; "
+            "0 keeps them all again.", "retention 10", do_retention, (KEEP,), 0, 1),
     Command("keys", ("ls",), "keys [PREFIX]", "list live keys (starting with PREFIX)",
             "Lists every key that has at least one live version, sorted, optionally only those "
             "starting with PREFIX.", "keys user:", do_keys, (PREFIX,), 0, 1),
@@ -567,13 +784,11 @@ def all_names() -> list[str]:
     return sorted(_BY_NAME)
 
 
-def run(ctx: Context, words: list[str]) -> Outcome:
+def run(ctx: Context, words: list[str]) -> View:
     """Run one command (its words, already split). Raises UsageError / client errors."""
     cmd = lookup(words[0])
     if cmd is None:
         raise UsageError(f"unknown command {words[0]!r}; type help for the list")
     args, opts = split_options(cmd, words[1:])
     _arity(cmd, args)
-    out = cmd.handler(ctx, args, opts) if cmd.options else cmd.handler(ctx, args)
-    out.extra.setdefault("command", cmd.name)
-    return out
+    return cmd.handler(ctx, args, opts) if cmd.options else cmd.handler(ctx, args)

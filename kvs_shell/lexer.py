@@ -33,7 +33,8 @@ STYLE = Style.from_dict({
 _KIND_STYLE = {C.KEY: "class:kvs.key", C.PREFIX: "class:kvs.key", C.KEYVER: "class:kvs.key",
                C.VALUE: "class:kvs.value", C.VERSION: "class:kvs.version",
                C.OPTION: "class:kvs.option", C.COUNT: "class:kvs.version",
-               C.TIME: "class:kvs.value"}
+               C.TIME: "class:kvs.value", C.POSITION: "class:kvs.version",
+               C.KEEP: "class:kvs.version", C.FILE: "class:kvs.value"}
 
 
 def highlight(line: str) -> list[tuple[str, str]]:
@@ -63,7 +64,7 @@ def highlight(line: str) -> list[tuple[str, str]]:
                                                  if kind == C.KEYVER and "@" in tok.text
                                                  else tok.text) < C.MIN_LEN:
                 style += " class:kvs.bad"
-            elif kind in (C.VERSION, C.COUNT) and not tok.text.isdigit():
+            elif kind in (C.VERSION, C.COUNT, C.POSITION, C.KEEP) and not tok.text.isdigit():
                 style += " class:kvs.bad"
             elif kind == C.OPTION and cmd.option(tok.text.partition("=")[0]) is None:
                 style += " class:kvs.bad"

@@ -21,7 +21,7 @@ from .auth import Authority, Policy
 from .node import Node, NodeConfig
 from .peers import PeerClients
 from .security import server_credentials
-from .service import KVSExtServicer, KVSServicer, ReplicaServicer
+from .service import KVSExtServicer, KVSServicer, ReplicaServicer, add_ext_servicer
 from .transport import BrokerConfig
 
 DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE
@@ -32,6 +32,24 @@ DEFAULT_IDLE_S = 300               # a connection without calls is closed after 
 DEFAULT_AGE_S = 3600               # every connection is closed (GOAWAY) after this ...
 DEFAULT_AGE_GRACE_S = 300          # ... once its calls ended or after this much more
 DEFAULT_HANDSHAKE_S = 5            # TLS handshake + HTTP/2 preface must finish within this
+
+
+def _nonneg(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {n}")
+    return n
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {n}")
+    return n
+
+
+def _opt_int(text: str | None) -> int | None:
+    return None if text in (None, "") else _nonneg(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +96,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sec.add_argument("--cluster-secret-file", default=env("KVS_CLUSTER_SECRET_FILE"),
                      help="shared secret: every broker message carries an HMAC "
                           "(else $KVS_CLUSTER_SECRET; none: unsigned)")
+    ret = p.add_argument_group("retention and watch")
+    ret.add_argument("--keep-versions", type=_nonneg, default=_opt_int(env("KVS_KEEP_VERSIONS")),
+                     help="live versions kept per key (0: all); a leader proposes it to the "
+                          "cluster when the cluster's policy differs (default: leave it)")
+    ret.add_argument("--watch-buffer-bytes", type=_positive,
+                     default=int(env("KVS_WATCH_BUFFER_BYTES", str(8 << 20))),
+                     help="a watcher's queue; a watcher that falls further behind is cancelled"
+                          " (RESOURCE_EXHAUSTED) and resumes")
+    ret.add_argument("--watch-history", type=_positive,
+                     default=int(env("KVS_WATCH_HISTORY", "100000")),
+                     help="recent changes kept in memory for watchers that resume (at most"
+                          " 64 MiB of them); an older start position is 'compacted'")
+    ret.add_argument("--snapshot-every", type=_positive,
+                     default=int(env("KVS_SNAPSHOT_EVERY", "50000")),
+                     help="applied log entries between snapshots (and log compactions)")
+    ret.add_argument("--log-keep-entries", type=_nonneg,
+                     default=int(env("KVS_LOG_KEEP_ENTRIES", "5000")),
+                     help="entries kept behind a log compaction for slow followers (a follower"
+                          " further behind takes a state transfer)")
     lim = p.add_argument_group("bounds")
     lim.add_argument("--max-concurrent-rpcs", type=int,
                      default=int(env("KVS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_RPCS))),
@@ -159,7 +196,10 @@ async def serve(args: argparse.Namespace) -> int:
     if auth.enabled and not (peer_token or token):
         log.warning("no --peer-token-file: peers cannot fetch state from this server")
     cfg = NodeConfig(node_id=args.node_id, address=args.advertise, cluster=args.cluster,
-                     write_timeout=args.write_timeout)
+                     write_timeout=args.write_timeout, keep_versions=args.keep_versions,
+                     watch_buffer_bytes=args.watch_buffer_bytes,
+                     watch_history=args.watch_history, snapshot_every=args.snapshot_every,
+                     keep_entries=args.log_keep_entries)
     broker = BrokerConfig(host=args.mqtt_host, port=args.mqtt_port, username=args.mqtt_username,
                           password=mqtt_password, tls_ca=args.mqtt_tls_ca,
                           secret=cluster_secret.encode() if cluster_secret else None)
@@ -183,7 +223,7 @@ async def serve(args: argparse.Namespace) -> int:
                  ("grpc.so_reuseport", 0)])
     kvs_pb2_grpc.add_KVSServicer_to_server(
         KVSServicer(node, cfg.write_timeout, args.max_key_len, args.max_value_len, auth), server)
-    kvs_pb2_grpc.add_KVSExtServicer_to_server(KVSExtServicer(node, peers, auth), server)
+    add_ext_servicer(KVSExtServicer(node, peers, auth), server)
     kvs_pb2_grpc.add_ReplicaServicer_to_server(ReplicaServicer(node), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = f"{args.host}:{args.port}"
@@ -223,6 +263,8 @@ async def serve(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, auth.reload)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    # watch streams never end by themselves: end them first (UNAVAILABLE: resume elsewhere)
+    node.watch.close_all(f"server {node.node} is shutting down; resume on another server")
     await server.stop(grace=2)
     await node.stop()
     log.info("stopped")

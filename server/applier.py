@@ -18,7 +18,7 @@ from typing import Iterable
 
 from .raft import membership
 from .raft.types import CONF, NORMAL, ConfState, Entry
-from .store import InvalidInput, Version, VersionedStore, check_key, check_value
+from .store import INT32_MAX, InvalidInput, Version, VersionedStore, check_key, check_value
 from .waiters import Outcome
 
 KEEP_IDS = 100_000   # applied change ids remembered (part of the replicated state)
@@ -36,6 +36,16 @@ class Applier:
         self.changes = 0        # changes applied so far: each change's position (Version.seq)
         self.conf = ConfState()  # membership as of ``index`` (what a snapshot must carry)
         self._ids: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
+        # Retention, part of the replicated state (log entries set them, snapshots carry them)
+        self.keep = 0           # live versions kept per key (0: all)
+        self.compacted = 0      # position of the last Compact (0: never)
+        # Changes applied, for watchers: (position, op, key, version, value, node, ts, all)
+        # tuples; None (the default) records nothing.  The driver takes them after a batch.
+        self.feed: list[tuple] | None = None
+
+    def take_changes(self) -> list[tuple]:
+        out, self.feed = self.feed, []
+        return out or []
 
     def apply(self, entry: Entry) -> list[tuple[str, Outcome]]:
         """Apply one committed entry; returns (change id, outcome) for its changes."""
@@ -59,7 +69,12 @@ class Applier:
         if first is not None:
             return Outcome(*first)
         self.changes += 1
-        key, op = item["k"], item["op"]
+        op = item["op"]
+        if op in ("compact", "retain"):
+            o = self._retention(item)
+            self._remember(iid, o)
+            return o
+        key = item["k"]
         try:
             check_key(key)
             if op == "put":
@@ -68,22 +83,55 @@ class Applier:
             o = Outcome(-1, str(e))
         else:
             if op == "put":
-                ver = self.store.insert(key, item["v"], self.changes, ts, item.get("node", ""))
+                node = item.get("node", "")
+                ver = self.store.insert(key, item["v"], self.changes, ts, node)
                 o = Outcome(ver, "" if ver > 0 else "version numbers of this key are exhausted")
+                if ver > 0:
+                    if self.keep:
+                        self.store.prune(key, self.keep)
+                    if self.feed is not None:
+                        self.feed.append((self.changes, "put", key, ver, item["v"], node, ts,
+                                          False))
             else:
                 ver = item.get("ver")
                 known = key in self.store
                 removed = self.store.remove(key, ver)
                 if removed > 0:
                     o = Outcome(removed)
+                    if self.feed is not None:
+                        self.feed.append((self.changes, "remove", key, removed, "",
+                                          item.get("node", ""), ts, not ver))
                 elif not known:
                     o = Outcome(-1, f"key {key!r} is unknown or has no live versions")
                 else:
                     o = Outcome(-1, f"key {key!r} has no version {ver}")
+        self._remember(iid, o)
+        return o
+
+    def _remember(self, iid: str, o: Outcome) -> None:
         self._ids[iid] = (o.version, o.reason)
         if len(self._ids) > KEEP_IDS:
             self._ids.popitem(last=False)
-        return o
+
+    def _retention(self, item: dict) -> Outcome:
+        """``compact`` (drop what was superseded before a position) and ``retain`` (keep
+        N live versions per key): the outcome's version is how many versions went."""
+        if item["op"] == "retain":
+            keep = item.get("keep")
+            if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= INT32_MAX:
+                return Outcome(-1, f"keep-versions must be a whole number >= 0, not {keep!r}")
+            self.keep = keep
+            return Outcome(self.store.prune_all(keep))
+        pos = item.get("pos")
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 1:
+            return Outcome(-1, f"compaction position must be a whole number >= 1, not {pos!r}")
+        last = self.changes - 1   # this item is a position too, but no change
+        if pos > last:
+            return Outcome(-1, f"position {pos} is beyond the last applied position {last}")
+        if pos <= self.compacted:
+            return Outcome(-1, f"compacted: already compacted at position {self.compacted}")
+        self.compacted = pos
+        return Outcome(self.store.compact(pos))
 
     def outcome_of(self, iid: str) -> Outcome | None:
         first = self._ids.get(iid)
@@ -93,7 +141,7 @@ class Applier:
     def meta(self) -> dict:
         """The replicated state besides the keys (call on the loop)."""
         return {"index": self.index, "term": self.term, "changes": self.changes,
-                "conf": conf_to_json(self.conf),
+                "conf": conf_to_json(self.conf), "keep": self.keep, "compacted": self.compacted,
                 "ids": [[i, v, r] for i, (v, r) in self._ids.items()]}
 
     def copy_keys(self) -> list[tuple[str, int, list[Version]]]:
@@ -122,6 +170,10 @@ class Applier:
             self.changes = int(meta.get("changes", 0))
             self.conf = conf_from_json(meta.get("conf"))
             self._ids = ids
+            self.keep = int(meta.get("keep", 0))
+            self.compacted = int(meta.get("compacted", 0))
+            if self.feed is not None:
+                self.feed = []   # what was recorded belongs to the state just replaced
 
 
 def conf_to_json(conf: ConfState) -> dict:
@@ -157,9 +209,7 @@ class Reader:
         page: list[Version] = []
         size = 0
         more = False
-        for v in store.history(key):
-            if before > 0 and v.number >= before:
-                continue
+        for v in store.history_page(key, before):
             n = _utf8_len(v.value)
             if len(page) >= limit or (page and size + n > max_bytes):
                 more = True
@@ -173,6 +223,15 @@ class Reader:
 
     def count(self) -> int:
         return len(self._a.store)
+
+    def export_rows(self, prefix: str = "") -> tuple[int, list[tuple[str, int, list[Version]]]]:
+        """(position, every key starting with ``prefix`` that has live versions, with its
+        highest version ever and its live versions ascending): one consistent cut."""
+        with self._a.lock:
+            store = self._a.store
+            keys, _ = store.keys(prefix)
+            rows = [(k, store.max_version(k), store.versions(k)) for k in keys]
+            return self._a.changes, rows
 
     def snapshot_rows(self, version: int | None) -> list:
         """Every key's value at ``version`` (latest when None), one consistent cut."""

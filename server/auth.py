@@ -27,7 +27,7 @@ READ, WRITE = "read", "write"
 # Launchers and load balancers probe without a credential; Check reveals only SERVING.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 _REPLICA = "/kvs.Replica/"
-_ADMIN_OR_PEER = frozenset({"/kvs.KVSExt/MemberRemove"})
+_ADMIN_OR_PEER = frozenset({"/kvs.KVSExt/MemberRemove", "/kvs.KVSExt/Compact"})
 _BEARER = "Bearer "
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 NO_TOKEN = "missing or invalid token"

@@ -54,9 +54,21 @@ class Del(Struct, tag="del", tag_field="op", forbid_unknown_fields=True):
     node: Name
 
 
+class Compact(Struct, tag="compact", tag_field="op", forbid_unknown_fields=True):
+    id: Name
+    pos: U64            # drop versions superseded before this position
+    node: Name
+
+
+class Retain(Struct, tag="retain", tag_field="op", forbid_unknown_fields=True):
+    id: Name
+    keep: Annotated[int, Meta(ge=0, le=2**31 - 1)]   # live versions kept per key (0: all)
+    node: Name
+
+
 class NormalData(Struct, forbid_unknown_fields=True):
     ts: Time
-    items: Annotated[list[Union[Put, Del]], Meta(min_length=1)]
+    items: Annotated[list[Union[Put, Del, Compact, Retain]], Meta(min_length=1)]
 
 
 class AddLearner(Struct, tag="add_learner", tag_field="op", forbid_unknown_fields=True):

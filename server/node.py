@@ -34,6 +34,7 @@ from .raft.machine import Machine
 from .raft.types import CONF, Config, MsgType, Ready, Role, SnapshotMeta
 from .transport import BrokerConfig, MqttTransport
 from .waiters import Outcome, Waiters
+from .watch import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class NodeConfig:
     max_batch_items: int = 2_000
     max_batch_bytes: int = 1 << 20
     linearizable_timeout: float = 5.0
+    keep_versions: int | None = None   # a leader proposes this retention when it differs
+    watch_buffer_bytes: int = 8 << 20  # a live watcher's queue (RESOURCE_EXHAUSTED beyond)
+    watch_history: int = 100_000       # recent changes kept for resuming watchers
 
 
 class NotLeader(Exception):
@@ -79,7 +83,11 @@ class Node:
         self.peers = peers or PeerClients()
         self._on_state = on_state
         self.applier = Applier()
+        self.applier.feed = []          # changes applied, for the watch hub
         self.reader = Reader(self.applier)
+        self.watch = WatchHub(ring_changes=cfg.watch_history,
+                              watcher_bytes=cfg.watch_buffer_bytes)
+        self._retention_term = 0        # term in which this leader checked --keep-versions
         self.waiters = Waiters()
         self.boot = os.urandom(4).hex()
         self.cid = ""
@@ -142,6 +150,7 @@ class Node:
                 snap = SnapshotMeta(s.index, s.term, self.applier.conf)
                 self.cid = self.cid or str(s.meta.get("cid", ""))
             hard, entries = rec.hard_state, rec.entries
+            self.watch.reset(self.applier.changes, self.applier.compacted)
             self._name_members(entries)
             self._synced_vote = (hard.term, hard.vote)
             log.info("recovered position %d: snapshot at %d, %d log entries after it, term %d,"
@@ -180,6 +189,7 @@ class Node:
             except Exception:
                 log.exception("stopping the transport")
         self.waiters.fail_all(Outcome(-1, "server shutting down", settled=False))
+        self.watch.close_all(f"server {self.node} is shutting down; resume on another server")
         for fut in list(self._reads.values()):
             if not fut.done():
                 fut.set_result(0)
@@ -206,6 +216,14 @@ class Node:
         return self._submit({"op": "del", "k": key,
                              "ver": version if version is not None and version > 0 else None},
                             request_id)
+
+    def submit_compact(self, position: int, request_id: str | None = None) -> asyncio.Future:
+        """Compact (admin): drop versions superseded before ``position``, as a log entry."""
+        return self._submit({"op": "compact", "pos": position}, request_id)
+
+    def submit_retention(self, keep: int, request_id: str | None = None) -> asyncio.Future:
+        """Keep ``keep`` live versions per key (0: all), as a log entry."""
+        return self._submit({"op": "retain", "keep": keep}, request_id)
 
     def _refusal(self) -> str | None:
         if self._storage_error:
@@ -267,7 +285,7 @@ class Node:
         now = time.monotonic()
         chunk, size = [], 0
         for it in items:
-            n = len(it["k"]) + len(it.get("v") or "") + 64
+            n = len(it.get("k") or "") + len(it.get("v") or "") + 64
             if chunk and (len(chunk) >= self.cfg.max_batch_items
                           or size + n > self.cfg.max_batch_bytes):
                 self._propose(chunk, size, now)
@@ -437,6 +455,9 @@ class Node:
                 log.info("membership at %d: %s -> voters %s, learners %s", e.index, e.data,
                          sorted(self.applier.conf.voters), sorted(self.applier.conf.learners))
             self._since_snapshot += 1
+        if rd.committed:
+            a = self.applier
+            self.watch.publish(a.take_changes(), a.changes, a.compacted)
         if self._apply_waits:
             done = [(i, f) for i, f in self._apply_waits if i <= self.applier.index]
             self._apply_waits = [(i, f) for i, f in self._apply_waits if i > self.applier.index]
@@ -535,6 +556,7 @@ class Node:
                 hard = HardState(self.machine.term, self.machine.vote, state.index)
                 await self._loop.run_in_executor(self._disk, self.datadir.reset, snap, hard)
             self.applier.install(state.store, meta)
+            self.watch.reset(self.applier.changes, self.applier.compacted)
             self.machine.restore(SnapshotMeta(state.index, state.term, state.conf))
             self._since_snapshot = 0
             # Our writes that the transfer covered: their outcome is in the id table.
@@ -838,12 +860,31 @@ class Node:
         if st == "in-step":
             self._was_in_step = True
         self._readable = st in ("in-step", "no-quorum")
+        if st == "in-step" and self.cfg.keep_versions is not None:
+            self._check_retention()
         if st != self._state:
             log.info("state %s -> %s (applied %d, commit %d, term %d)", self._state, st,
                      self.applier.index, self.machine.commit, self.machine.term)
             self._state = st
             if self._on_state is not None:
                 self._on_state(st)
+
+    def _check_retention(self) -> None:
+        """--keep-versions: a leader in step proposes its policy once per term when the
+        replicated one differs (as etcd's auto-compaction runs on the leader)."""
+        m = self.machine
+        if m.role is not Role.LEADER or self._retention_term == m.term:
+            return
+        self._retention_term = m.term
+        if self.applier.keep != self.cfg.keep_versions:
+            log.info("retention: proposing keep-versions %d (cluster has %d)",
+                     self.cfg.keep_versions, self.applier.keep)
+            self.submit_retention(self.cfg.keep_versions)
+
+    def retention(self) -> dict:
+        a = self.applier
+        return {"keep_versions": a.keep, "compacted": a.compacted, "position": a.changes,
+                "oldest_watch": self.watch.oldest()}
 
     @property
     def state(self) -> str:

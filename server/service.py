@@ -28,6 +28,9 @@ from .auth import OPEN_AUTHORITY, READ, WRITE, Authority
 from .node import Node, NotLeader
 from .store import INT32_MAX, InvalidInput, check_key, check_value
 from .waiters import Outcome
+from .watch import WatchError, encode_head
+
+EXPORT_CHUNK_BYTES = 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,30 @@ async def _require(auth: Authority, context, access: str, key: str) -> None:
     reason = auth.denied(access, key)
     if reason is not None:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+
+
+async def unreadable(node: Node) -> str | None:
+    """None when reads may be served; else, after waiting up to ``read_wait`` for
+    the node to get in step, the reason.  The wait polls on the loop rather than
+    blocking a worker thread: many reads waiting at once (a node catching up under
+    load) must not starve the threads that Snapshot and FetchState use."""
+    if node.readable_now():
+        return None
+    deadline = time.monotonic() + node.cfg.read_wait
+    while time.monotonic() < deadline:
+        await asyncio.sleep(READ_POLL)
+        if node.readable_now():
+            return None
+    return node.unreadable_reason()
+
+
+async def read_gate(node: Node, context) -> str | None:
+    """None when this call may read; else the reason.  Linearizable calls first
+    confirm with the leader (ReadIndex) and wait until this server applied that far."""
+    reason = await unreadable(node)
+    if reason is None and linearizable(context):
+        reason = await node.read_barrier()
+    return reason
 
 
 class _Denied:
@@ -153,27 +180,8 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
             log.exception("write failed")
             return Outcome(-1, f"internal error: {e}")
 
-    async def _unreadable(self) -> str | None:
-        """None when reads may be served; else, after waiting up to ``read_wait`` for
-        the node to get in step, the reason.  The wait polls on the loop rather than
-        blocking a worker thread: many reads waiting at once (a node catching up under
-        load) must not starve the threads that Snapshot and FetchState use."""
-        if self.log.readable_now():
-            return None
-        deadline = time.monotonic() + self.log.cfg.read_wait
-        while time.monotonic() < deadline:
-            await asyncio.sleep(READ_POLL)
-            if self.log.readable_now():
-                return None
-        return self.log.unreadable_reason()
-
     async def _read_gate(self, context) -> str | None:
-        """None when this call may read; else the reason.  Linearizable calls first
-        confirm with the leader (ReadIndex) and wait until this server applied that far."""
-        reason = await self._unreadable()
-        if reason is None and linearizable(context):
-            reason = await self.log.read_barrier()
-        return reason
+        return await read_gate(self.log, context)
 
     async def _lookup(self, req, gate: str | None) -> tuple[kvs_pb2.Tupla, str]:
         try:
@@ -421,6 +429,142 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
             log.exception("member remove failed")
             return kvs_pb2.MemberRemoveReply(ok=False, error=f"internal error: {e}")
         return kvs_pb2.MemberRemoveReply(ok=True, members=_members(self.log.members()))
+
+
+    # ---- watch ------------------------------------------------------------------
+    async def Watch(self, request, context):
+        """Committed changes under a prefix, as pre-encoded WatchResponse bytes (the
+        hub encodes each change once for every watcher; see add_ext_servicer)."""
+        allowed = await self._watch_filter(request.prefix, context)
+        hub = self.log.watch
+        try:
+            w = hub.open(request.prefix, request.start_position, allowed)
+        except WatchError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        try:
+            # which server the watcher is on (stream calls have no peer() in the client)
+            await context.send_initial_metadata(((NODE_KEY, self.log.node),))
+            yield encode_head(w.next - 1)
+            while True:
+                try:
+                    msg = await hub.next_message(w)
+                except WatchError as e:
+                    await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+                yield msg
+        finally:
+            hub.close(w)
+
+    async def _watch_filter(self, prefix: str, context):
+        """None: every key under ``prefix`` is readable; else a per-key predicate.
+        A prefix the caller can read nothing under is refused."""
+        who = self.auth.caller()
+        if self.auth.policy is None or who.reads_all or who.may(READ, prefix):
+            return None
+        if any(p.startswith(prefix) for p in who.read_prefixes):
+            return lambda key: who.may(READ, key)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{who.describe()} may not read keys under {prefix!r:.300}")
+
+    # ---- retention ----------------------------------------------------------------
+    def _retention_info(self, dropped: int = 0):
+        return kvs_pb2.RetentionInfo(dropped=dropped, **self.log.retention())
+
+    async def _admin_change(self, context, submit) -> object:
+        who = self.auth.caller()
+        if not who.admin:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{who.describe()} may not change retention: admin only")
+        try:
+            rid = request_id(context)
+        except InvalidInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        out = await KVSServicer._finish(submit(rid))
+        if out.version < 0:
+            if not out.settled or out.reason.startswith("no quorum"):
+                code = grpc.StatusCode.UNAVAILABLE
+            elif out.reason.startswith("compacted"):
+                code = grpc.StatusCode.FAILED_PRECONDITION
+            else:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, out.reason)
+        return self._retention_info(out.version)
+
+    async def Compact(self, request, context):
+        if request.position < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "compaction position must be >= 1")
+        return await self._admin_change(
+            context, lambda rid: self.log.submit_compact(request.position, rid))
+
+    async def Retention(self, request, context):
+        if not request.set:
+            return self._retention_info()
+        if request.keep_versions > INT32_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"keep-versions must be <= {INT32_MAX}")
+        return await self._admin_change(
+            context, lambda rid: self.log.submit_retention(request.keep_versions, rid))
+
+    # ---- export -------------------------------------------------------------------
+    async def Export(self, request, context):
+        reason = await read_gate(self.log, context)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        readable = self.auth.read_filter()
+        position, rows = await asyncio.to_thread(self.log.reader.export_rows, request.prefix)
+        if readable is not None:
+            rows = [r for r in rows if readable(r[0])]
+        chunks = _export_chunks(position, rows)
+        end = object()
+        while True:   # chunks are built in a worker thread, sent from the loop
+            chunk = await asyncio.to_thread(next, chunks, end)
+            if chunk is end:
+                return
+            yield chunk
+
+
+def _export_chunks(position: int, rows):
+    keys: list = []
+    size = 0
+    for key, max_version, versions in rows:
+        part: list = []
+        for v in versions:
+            n = len(v.value) + len(key) + 48
+            if (part or keys) and size + n > EXPORT_CHUNK_BYTES:
+                if part:
+                    keys.append(kvs_pb2.ExportedKey(chave=key, max_version=max_version,
+                                                    versions=part))
+                yield kvs_pb2.ExportChunk(position=position, keys=keys)
+                keys, part, size = [], [], 0
+            part.append(kvs_pb2.VersionInfo(versao=v.number, valor=v.value, seq=v.seq,
+                                            written_at=v.written_at, node=v.node))
+            size += n
+        if part:
+            keys.append(kvs_pb2.ExportedKey(chave=key, max_version=max_version, versions=part))
+    yield kvs_pb2.ExportChunk(position=position, keys=keys)
+
+
+def add_ext_servicer(servicer: KVSExtServicer, server) -> None:
+    """The generated ``add_KVSExtServicer_to_server``, built from the service descriptor,
+    with one difference: Watch yields bytes its hub encoded once for every watcher, so
+    its serializer passes them through."""
+    desc = kvs_pb2.DESCRIPTOR.services_by_name["KVSExt"]
+    handlers = {}
+    for m in desc.methods:
+        request_type = getattr(kvs_pb2, m.input_type.name)
+        response_type = getattr(kvs_pb2, m.output_type.name)
+        serializer = (lambda b: b) if m.name == "Watch" else response_type.SerializeToString
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[
+            (m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(servicer, m.name),
+                                request_deserializer=request_type.FromString,
+                                response_serializer=serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name,
+                                                                          handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
 
 
 class ReplicaServicer(kvs_pb2_grpc.ReplicaServicer):

@@ -111,6 +111,42 @@ class VersionedStore:
             self._live_keys.remove(key)
         return highest
 
+    # ---- retention (called only by the log applier) -------------------------
+    def prune(self, key: str, keep: int) -> int:
+        """Drop the oldest live versions of ``key`` beyond the newest ``keep``;
+        returns how many were dropped (``max_version`` stays: numbers are never reused)."""
+        kv = self._keys.get(key)
+        if kv is None or keep <= 0 or len(kv.live) <= keep:
+            return 0
+        cut = len(kv.live) - keep
+        for n in kv.live[:cut]:
+            del kv.by_number[n]
+        del kv.live[:cut]
+        return cut
+
+    def prune_all(self, keep: int) -> int:
+        if keep <= 0:
+            return 0
+        return sum(self.prune(key, keep) for key in list(self._live_keys))
+
+    def compact(self, position: int) -> int:
+        """Drop every version superseded by a version written before ``position``
+        (etcd's compact): per key the newest version with ``seq < position`` stays, with
+        everything written at or after ``position``.  Returns how many were dropped."""
+        dropped = 0
+        for key in list(self._live_keys):
+            kv = self._keys[key]
+            live, by = kv.live, kv.by_number
+            cut = 0
+            while cut + 1 < len(live) and by[live[cut + 1]].seq < position:
+                cut += 1
+            if cut:
+                for n in live[:cut]:
+                    del by[n]
+                del live[:cut]
+                dropped += cut
+        return dropped
+
     # ---- reads ----------------------------------------------------------------
     def get(self, key: str, version: int | None = None) -> Version | None:
         """The greatest live version <= ``version`` (latest when None or <= 0)."""
@@ -128,6 +164,23 @@ class VersionedStore:
         if kv is None:
             return []
         return [kv.by_number[n] for n in reversed(kv.live)]
+
+    def versions(self, key: str) -> list[Version]:
+        """Live versions of ``key``, oldest first (a new list)."""
+        kv = self._keys.get(key)
+        return [kv.by_number[n] for n in kv.live] if kv else []
+
+    def history_page(self, key: str, before: int = 0) -> Iterator[Version]:
+        """Live versions of ``key`` below ``before`` (all when <= 0), newest first,
+        lazily: a page costs its own size, not the key's whole history."""
+        kv = self._keys.get(key)
+        if kv is None:
+            return
+        live = kv.live
+        i = bisect.bisect_left(live, before) if before > 0 else len(live)
+        while i > 0:
+            i -= 1
+            yield kv.by_number[live[i]]
 
     def max_version(self, key: str) -> int:
         kv = self._keys.get(key)

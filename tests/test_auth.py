@@ -315,6 +315,41 @@ def test_member_remove_admin_or_peer_and_forwarded_with_the_peer_token(env: Env)
     assert reply.error == "not a member", reply.error   # the leader's answer
 
 
+def test_watch_export_compact_and_retention_follow_the_roles(env: Env):
+    tag = uuid.uuid4().hex[:6]
+    ext = env.ext()
+    # Watch: a prefix the caller can read nothing under is refused at once
+    code, details = code_of(lambda: next(ext.Watch(kvs_pb2.WatchRequest(prefix=f"other/{tag}"),
+                                                   metadata=env.md("app"), timeout=TIMEOUT)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "may not read" in details
+    # a broader prefix is filtered to the caller's keys
+    call = ext.Watch(kvs_pb2.WatchRequest(prefix=""), metadata=env.md("app"), timeout=30)
+    head = next(call).head
+    env.put("admin", f"other/{tag}-x", "val")
+    env.put("admin", f"app/{tag}-y", "val")
+    msg = next(call)
+    call.cancel()
+    assert [c.chave for c in msg.changes] == [f"app/{tag}-y"] and msg.head > head
+    # Export: only readable keys
+    keys = {k.chave for ch in ext.Export(kvs_pb2.ExportRequest(), metadata=env.md("app"),
+                                         timeout=TIMEOUT) for k in ch.keys}
+    assert f"app/{tag}-y" in keys and all(k.startswith("app/") for k in keys)
+    # Compact and Retention changes: admin only; reading the policy is open to users
+    for user in ("writer", "reader", "app"):
+        code, details = code_of(lambda: ext.Compact(kvs_pb2.CompactRequest(position=1),
+                                                    metadata=env.md(user), timeout=TIMEOUT))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "admin only" in details
+        code, _ = code_of(lambda: ext.Retention(kvs_pb2.RetentionRequest(set=True,
+                                                                         keep_versions=1),
+                                                metadata=env.md(user), timeout=TIMEOUT))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert ext.Retention(kvs_pb2.RetentionRequest(), metadata=env.md(user),
+                             timeout=TIMEOUT).keep_versions == 0
+    info = ext.Compact(kvs_pb2.CompactRequest(position=1), metadata=env.md("admin"),
+                       timeout=TIMEOUT)
+    assert info.compacted == 1
+
+
 # ---------------------------------------------------------------------------
 # authentication
 # ---------------------------------------------------------------------------

@@ -22,12 +22,12 @@ class _NotYetReadableLog:
 
 
 def test_many_waiting_reads_do_not_starve_worker_threads():
-    from server.service import KVSServicer
+    from server.service import unreadable
 
-    servicer = KVSServicer(_NotYetReadableLog(delay=0.5), write_timeout=10)
+    node = _NotYetReadableLog(delay=0.5)
 
     async def main():
-        waits = [asyncio.create_task(servicer._unreadable()) for _ in range(50)]
+        waits = [asyncio.create_task(unreadable(node)) for _ in range(50)]
         # While 50 reads wait, a worker-thread job (what Snapshot / FetchState use) runs at once.
         t0 = time.monotonic()
         await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
@@ -41,8 +41,7 @@ def test_many_waiting_reads_do_not_starve_worker_threads():
 
 
 def test_a_read_that_waits_too_long_gets_the_reason():
-    from server.service import KVSServicer
+    from server.service import unreadable
 
-    servicer = KVSServicer(_NotYetReadableLog(delay=None, read_wait=0.1), write_timeout=10)
-    reason = asyncio.run(asyncio.wait_for(servicer._unreadable(), 5))
+    reason = asyncio.run(asyncio.wait_for(unreadable(_NotYetReadableLog(None, read_wait=0.1)), 5))
     assert reason and "not in step" in reason

@@ -278,14 +278,14 @@ def test_ui_key_cache_follows_writes(cluster3, tmp_path, monkeypatch):
         assert shell.run_line("put cachekey-one v11; put cachekey-two v22")
         assert keys("cachekey-") == ["cachekey-one", "cachekey-two"]  # at once, no listing
         assert shell.run_line("del cachekey-one")
-        assert comp.keys.wait_idle(10)  # background refresh after the write
+        assert comp.refresher.wait_idle(10)  # background refresh after the write
         assert keys("cachekey-") == ["cachekey-two"]
         # a key written elsewhere shows up after the next refresh triggered by a write
         with Client([cluster3.servers[0].address]) as other:
             other.put("cachekey-three", "v33")
         wait_until(lambda: shell.client.get("cachekey-three").found, 10, "replication")
         assert shell.run_line("put cachekey-four v44")
-        assert comp.keys.wait_idle(10)
+        assert comp.refresher.wait_idle(10)
         assert keys("cachekey-t") == ["cachekey-three", "cachekey-two"]
     finally:
         shell.close()

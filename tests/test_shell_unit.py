@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 import time
 from types import SimpleNamespace
 
@@ -14,10 +15,12 @@ from kvs_shell import client as client_mod
 from kvs_shell import commands as C
 from kvs_shell.client import BadTarget, KeyList, Read, Written, Client, parse_servers
 from kvs_shell.compat import FlagError, parse_flags
-from kvs_shell.completer import KeyCache, KVSCompleter
+from kvs_shell import views as V
+from kvs_shell.completer import KeyIndex, KeyRefresher, KVSCompleter
 from kvs_shell.lexer import highlight
 from kvs_shell.parser import ParseError, current_command, quote, split_commands, tokenize
-from kvs_shell.render import Renderer, elide, esc_plain
+from kvs_shell.render import Renderer
+from kvs_shell.views import elide, esc_plain
 
 
 # ---------------------------------------------------------------------------
@@ -115,15 +118,19 @@ class Ctx:
         self.timing = False
         self.written = []
         self.exited = False
+        self.nodes = None  # what the last command showed for NODE completion
 
     def connect(self, spec):
         return f"connected to {spec}"
 
     def wrote(self, keys):
-        self.written.extend(keys)
+        self.written.extend(["*"] if keys is None else keys)  # None: keys not known
 
     def request_exit(self):
         self.exited = True
+
+    def saw_nodes(self, nodes):
+        self.nodes = list(nodes)
 
 
 def test_every_command_has_help_text():
@@ -164,10 +171,10 @@ def test_invalid_input_is_refused_before_any_call(words, message):
 
 def test_handlers_map_to_client_calls():
     ctx = Ctx()
-    assert C.run(ctx, ["insere", "abc", "hello world"]).data.version == 7
+    assert C.run(ctx, ["insere", "abc", "hello world"]).records[0]["version"] == 7
     assert C.run(ctx, ["get", "abc", "3"]).ok
     miss = C.run(ctx, ["get", "missing"])
-    assert miss.ok and not miss.data.found  # not found is a normal answer
+    assert miss.ok and not miss.records[0]["found"]  # not found is a normal answer
     out = C.run(ctx, ["del", "abc"])
     assert not out.ok and "unknown" in out.error  # -1 from the server: failed, with the reason
     C.run(ctx, ["mput", "k01", "v01", "k02", "v02"])
@@ -180,7 +187,7 @@ def test_handlers_map_to_client_calls():
         ("mget", [("k01", None), ("k02", 3), ("user@example.com", None)]),
         ("mdel", [("k01", None), ("k02", 2)])]
     assert ctx.written == ["abc", "abc", "k01", "k02", "k01", "k02"]
-    assert C.run(ctx, ["timing", "on"]).data == "timing is on" and ctx.timing
+    assert C.run(ctx, ["timing", "on"]).message == "timing is on" and ctx.timing
     C.run(ctx, ["quit"])
     assert ctx.exited
 
@@ -194,33 +201,33 @@ def test_split_keyver():
 # ---------------------------------------------------------------------------
 # renderers
 # ---------------------------------------------------------------------------
-def render(fmt, outcome, interactive=False):
+def render(fmt, view, interactive=False):
     out, err = io.StringIO(), io.StringIO()
-    Renderer(fmt, out=out, err=err, color=False, interactive=interactive, width=100).render(outcome)
+    Renderer(fmt, out=out, err=err, color=False, interactive=interactive, width=100).render(view)
     return out.getvalue(), err.getvalue()
 
 
 def test_plain_is_one_line_per_result_and_escapes():
-    o = C.Outcome("mget", [Read("abc", "two\nlines\tand\\", 3, None), Read("nop", "", 0, 2)])
+    o = V.reads_view([Read("abc", "two\nlines\tand\\", 3, None), Read("nop", "", 0, 2)])
     out, _ = render("plain", o)
     assert out == "abc\t3\ttwo\\nlines\\tand\\\\\nnop@2\t(not found)\n"
     assert esc_plain("a\rb") == "a\\rb"
 
 
 def test_json_lines():
-    out, _ = render("json", C.Outcome("get", Read("abc", "v", 3, 5)))
+    out, _ = render("json", V.read_view(Read("abc", "v", 3, 5)))
     assert json.loads(out) == {"op": "get", "key": "abc", "requested": 5, "version": 3,
                                "value": "v", "found": True}
-    out, _ = render("json", C.Outcome("mput", [Written("k01", 1), Written("k02", -1, "bad")]))
+    out, _ = render("json", V.batch_view("mput", [Written("k01", 1), Written("k02", -1, "bad")]))
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows[1] == {"op": "mput", "key": "k02", "requested": None, "version": -1,
                        "ok": False, "error": "bad"}
 
 
 def test_table_get_says_which_version_answered():
-    out, _ = render("table", C.Outcome("get", Read("abc", "old", 2, 5)))
+    out, _ = render("table", V.read_view(Read("abc", "old", 2, 5)))
     assert "answered by version 2" in out and "asked ≤ 5" in out
-    out, _ = render("table", C.Outcome("get", Read("abc", "", 0, 1)))
+    out, _ = render("table", V.read_view(Read("abc", "", 0, 1)))
     assert "(not found)" in out
 
 
@@ -228,17 +235,74 @@ def test_history_table_has_all_columns():
     from kvs_shell.client import History, VersionInfo
     h = History("abc", [VersionInfo(2, "x" * 500, 1.7e9, "node-1", 9),
                         VersionInfo(1, "short", 1.7e9, "node-2", 3)], 2)
-    out, _ = render("table", C.Outcome("history", h))
+    out, _ = render("table", V.history_view(h))
     for word in ("version", "value", "size", "node", "written", "node-1", "500 B", "…"):
         assert word in out
     assert "x" * 100 not in out  # long values are elided
 
 
 def test_info_goes_to_stderr_outside_the_interactive_shell():
-    out, err = render("plain", C.Outcome("info", "timing is on"))
+    out, err = render("plain", V.MessageView(message="timing is on"))
     assert out == "" and err == "timing is on\n"
-    out, err = render("table", C.Outcome("info", "timing is on"), interactive=True)
+    out, err = render("table", V.MessageView(message="timing is on"), interactive=True)
     assert "timing is on" in out
+
+
+def test_a_table_view_needs_no_code_to_print_in_every_format():
+    from rich.text import Text
+    v = V.TableView(title="t [bold]x", columns=[V.Column("key"), V.Column("n", "right")],
+                    rows=[("a[red]b", 1), ("tab\there", Text("2", "green"))], caption="2 rows")
+    assert render("plain", v)[0] == "a[red]b\t1\ntab\\there\t2\n"
+    assert [json.loads(line) for line in render("json", v)[0].splitlines()] == [
+        {"key": "a[red]b", "n": 1}, {"key": "tab\there", "n": "2"}]
+    out, _ = render("table", v)
+    assert "t [bold]x" in out and "a[red]b" in out and "2 rows" in out  # no markup
+
+
+def test_a_long_table_says_how_many_rows_it_leaves_out():
+    v = V.TableView(columns=[V.Column("key")], rows=[(f"k{i:05d}",) for i in range(1005)],
+                    frame="bare", noun="key")
+    out, _ = render("table", v)
+    assert "k00999" in out and "k01000" not in out
+    assert "… 5 more keys not shown (use --format plain or json)" in out
+    assert len(render("plain", v)[0].splitlines()) == 1005
+
+
+def test_a_stream_view_prints_each_item_as_it_comes():
+    out, err = io.StringIO(), io.StringIO()
+    printed_before = []
+
+    def items(view):
+        yield V.MessageView(message="watching from 5")
+        for pos in (5, 6):
+            printed_before.append(out.getvalue())
+            yield V.TableView(columns=[V.Column("pos"), V.Column("key")], rows=[(pos, f"k{pos}")])
+        view.error = "watch: compacted"  # the stream ended in failure
+
+    stream = V.StreamView()
+    stream.items = items(stream)
+    Renderer("plain", out=out, err=err, color=False).render(stream)
+    assert out.getvalue() == "5\tk5\n6\tk6\n" and err.getvalue() == "watching from 5\n"
+    assert printed_before == ["", "5\tk5\n"] and not stream.ok
+    stream = V.StreamView(items=iter([V.TableView(columns=[V.Column("pos")], rows=[(7,)])]))
+    assert json.loads(render("json", stream)[0]) == {"pos": 7}
+
+
+def test_an_error_while_a_stream_runs_fails_the_command(monkeypatch):
+    from kvs_shell import app as app_mod
+
+    def changes():
+        yield V.TableView(columns=[V.Column("key")], rows=[("k01",)])
+        raise client_mod.ServerUnavailable("127.0.0.1:9000 is unreachable")
+
+    monkeypatch.setattr(app_mod.C, "run", lambda ctx, words: V.StreamView(items=changes()))
+    shell, out, err = _shell(WhoClient(READER))
+    shell.renderer = Renderer("plain", out=out, err=err, color=False)
+    try:
+        assert not shell.run_words(["watch"]) and shell.failed == 1
+        assert out.getvalue() == "k01\n" and "unreachable" in err.getvalue()
+    finally:
+        shell.close()
 
 
 def test_elide():
@@ -249,46 +313,139 @@ def test_elide():
 # ---------------------------------------------------------------------------
 # completer (fake server listing)
 # ---------------------------------------------------------------------------
-def test_key_cache_is_authoritative_below_a_complete_prefix():
-    keys = sorted(f"user:{i:05d}" for i in range(1000)) + ["zeta-key"]
-    calls = []
+def test_key_index_is_authoritative_below_a_complete_prefix():
+    idx = KeyIndex()
+    assert idx.complete("zet") == ([], "missing")
+    idx.merge("zet", ["zeta-key"], False)
+    assert idx.complete("zeta") == (["zeta-key"], "fresh")  # a longer prefix: no listing
+    assert idx.state("ze") == "missing"
+    keys = [f"user:{i:05d}" for i in range(200)]
+    idx.merge("user:00", reversed(keys), True)  # truncated: only up to user:00199 is known
+    assert idx.lookup("user:00") == keys[:100] and idx.lookup("user:00", 300) == keys
+    assert idx.state("user:00") == "fresh" and idx.state("user:001") == "missing"
+    idx.add(["user:00000a", "user:00001"])
+    assert idx.lookup("user:00000") == ["user:00000", "user:00000a"]  # known at once
+    assert len(idx.lookup("user:", 1000)) == 201  # no duplicate
+    idx.invalidate()  # a write: everything listed is stale (still answered)
+    assert idx.complete("zeta") == (["zeta-key"], "stale")
+    idx.merge("zet", ["zeta-key", "zeta-two"], False, generation=idx.generation - 1)
+    assert idx.state("zet") == "stale"  # asked before the write: still stale
+    idx.merge("zet", ["zeta-two"], False)
+    assert idx.complete("zet") == (["zeta-two"], "fresh")
+
+
+def test_key_index_merge_drops_deleted_keys():
+    idx = KeyIndex()
+    idx.merge("a", ["aa1", "aa2", "ab1"], False)
+    idx.merge("b", ["bb1"], False)
+    idx.merge("aa", ["aa2"], False)  # aa1 was deleted
+    assert idx.lookup("") == ["aa2", "ab1", "bb1"]
+    idx.merge("", ["aa2", "ab1"], True)  # truncated: only up to ab1 is known
+    assert idx.lookup("") == ["aa2", "ab1", "bb1"]
+    idx.merge("\U0010ffff", ["\U0010ffffz"], False)  # no string follows the prefix
+    assert idx.lookup("\U0010ffff") == ["\U0010ffffz"]
+
+
+def test_key_index_clear_drops_listings_asked_before_it():
+    idx = KeyIndex()
+    idx.merge("abc", ["abc1"], False)
+    old = idx.generation
+    idx.clear()  # connect: another cluster
+    assert idx.complete("abc") == ([], "missing")
+    idx.merge("abc", ["abc1"], False, generation=old)  # a listing of the old cluster
+    assert idx.complete("abc") == ([], "missing")
+    idx.merge("abc", ["abc2"], False, generation=idx.generation)
+    assert idx.complete("abc") == (["abc2"], "fresh")
+
+
+def test_key_refresher_lists_in_the_background_once_per_prefix():
+    gate, started = threading.Event(), threading.Event()
+    fetched, listed = [], []
 
     def fetch(prefix, limit, timeout):
-        calls.append(prefix)
-        match = [k for k in keys if k.startswith(prefix)]
+        fetched.append((prefix, limit))
+        started.set()
+        assert gate.wait(10)
+        return KeyList([f"{prefix}1", f"{prefix}2"], False)
+
+    ref = KeyRefresher(fetch, lambda *a: listed.append(a), limit=50)
+    try:
+        ref.refresh_async("aaa", 1)
+        assert started.wait(10)  # "aaa" is being listed...
+        ref.refresh_async("aaa", 2)  # ...so asking again lists it again afterwards
+        ref.refresh_async("bbb", 2)
+        ref.refresh_async("bbb", 3)  # still queued: one listing, at the newer generation
+        assert not ref.wait_idle(0)
+        gate.set()
+        assert ref.wait_idle(10)
+        assert fetched == [("aaa", 50), ("aaa", 50), ("bbb", 50)] and ref.fetches == 3
+        assert listed == [("aaa", ["aaa1", "aaa2"], False, 1),
+                          ("aaa", ["aaa1", "aaa2"], False, 2),
+                          ("bbb", ["bbb1", "bbb2"], False, 3)]
+    finally:
+        gate.set()
+        ref.close()
+
+
+def test_key_refresher_relists_recent_prefixes_and_survives_errors():
+    listed = []
+
+    def fetch(prefix, limit, timeout):
+        if prefix == "bad":
+            raise client_mod.ServerUnavailable("down")
+        return KeyList([], False)
+
+    ref = KeyRefresher(fetch, lambda prefix, *a: listed.append(prefix))
+    assert not ref.refresh("bad", 0) and listed == [] and ref.fetches == 0
+    for prefix in ("p1", "p2", "p3", "p1", "p4", "p5"):
+        ref.used(prefix)
+    ref.refresh_recent(1)
+    assert ref.wait_idle(10)
+    assert listed == ["p5", "p4", "p1", "p3"]  # the newest first, at most RECENT
+    ref.close()
+    ref.refresh_async("p9", 2)
+    assert ref.wait_idle(10) and "p9" not in listed
+
+
+class ListingClient:
+    """list_keys over a fixed key set, as the server pages it."""
+
+    def __init__(self, keys):
+        self.keys, self.calls = keys, []
+
+    def list_keys(self, prefix, limit, timeout):
+        self.calls.append(prefix)
+        match = [k for k in self.keys if k.startswith(prefix)]
         return KeyList(match[:limit], len(match) > limit)
 
-    cache = KeyCache(fetch, limit=200)
-    assert cache.complete("zet") == ["zeta-key"]
-    assert cache.complete("zeta") == ["zeta-key"] and calls == ["zet"]  # no second listing
-    got = cache.complete("user:00")  # truncated listing: first 100 shown
-    assert got == keys[:100] and calls == ["zet", "user:00"]
-    cache.complete("user:00")
-    assert calls == ["zet", "user:00"]
-    cache.add(["user:00000a"])
-    assert "user:00000a" in cache.lookup("user:00000")  # visible at once, before any listing
-    # a write makes entries stale: answered at once, refreshed in the background
-    cache.invalidate()
-    assert cache.wait_idle(5)
-    assert calls.count("user:00") == 2
 
-
-def test_key_cache_merge_drops_deleted_keys():
-    cache = KeyCache(lambda *a: KeyList([], False))
-    cache.merge("a", ["aa1", "aa2", "ab1"], False)
-    cache.merge("b", ["bb1"], False)
-    cache.merge("aa", ["aa2"], False)  # aa1 was deleted
-    assert cache.lookup("") == ["aa2", "ab1", "bb1"]
-    cache.merge("", ["aa2", "ab1"], True)  # truncated: only up to ab1 is known
-    assert cache.lookup("") == ["aa2", "ab1", "bb1"]
+def test_completer_lists_a_prefix_once_and_relists_recent_ones_after_a_write():
+    keys = sorted(f"user:{i:05d}" for i in range(1000)) + ["zeta-key"]
+    client = ListingClient(keys)
+    comp = KVSCompleter(lambda: client, limit=200)
+    try:
+        assert comp.complete_keys("zet") == ["zeta-key"]
+        assert comp.complete_keys("zeta") == ["zeta-key"] and client.calls == ["zet"]
+        assert comp.complete_keys("user:00") == keys[:100]  # truncated listing: 100 shown
+        comp.complete_keys("user:00")
+        assert client.calls == ["zet", "user:00"]
+        client.keys = sorted(keys + ["user:00000a"])  # the server has it (the put is done)
+        comp.wrote(["user:00000a"], added=["user:00000a"])
+        # known at once (the background listing that follows may or may not have run yet)
+        assert "user:00000a" in comp.index.lookup("user:00000")
+        # a write makes entries stale: answered at once, re-listed in the background
+        assert comp.refresher.wait_idle(10)
+        assert client.calls == ["zet", "user:00", "user:00", "zeta", "zet"]
+        comp.complete_keys("user:00")
+        assert len(client.calls) == 5
+    finally:
+        comp.close()
 
 
 def test_completion_of_100k_cached_keys_is_fast():
     keys = [f"k{i:06d}" for i in range(100_000)]
-    cache = KeyCache(lambda *a: KeyList([], False))
-    cache.merge("", keys, False)
     comp = KVSCompleter(lambda: None)
-    comp.keys = cache
+    comp.index.merge("", keys, False)
     from prompt_toolkit.completion import CompleteEvent
     from prompt_toolkit.document import Document
     worst = 0.0
@@ -521,32 +678,32 @@ def test_member_and_consistency_usage_errors_make_no_call(words, message):
 def test_member_list_calls_member_list(words):
     ctx = raft_ctx()
     out = C.run(ctx, words)
-    assert out.ok and out.kind == "members" and out.data.leader == "node-9000"
+    assert out.ok and isinstance(out, V.TableView) and out.title == "members"
+    assert [r["node_id"] for r in out.records if r["leader"]] == ["node-9000"]
     assert ctx.client.calls == [("member_list",)]
-    assert [n for n, _ in out.extra["nodes"]] == ["node-9000", "node-9001", "node-9002"]
-    assert out.extra["command"] == "member"
+    assert [n for n, _ in ctx.nodes] == ["node-9000", "node-9001", "node-9002"]
 
 
 def test_member_remove_success_carries_the_new_list():
     ctx = raft_ctx()
     out = C.run(ctx, ["member", "remove", "node-9002"])
-    assert out.ok and out.kind == "member_remove"
+    assert out.ok and out.records[0]["op"] == "member remove"
     assert ctx.client.calls == [("member_remove", "node-9002")]
-    assert [m.node_id for m in out.data.members] == ["node-9000", "node-9001"]
-    assert [n for n, _ in out.extra["nodes"]] == ["node-9000", "node-9001"]
+    assert [m["node_id"] for m in out.records[0]["members"]] == ["node-9000", "node-9001"]
+    assert [n for n, _ in ctx.nodes] == ["node-9000", "node-9001"]
 
 
 def test_member_remove_without_a_list_in_the_answer_asks_for_it():
     ctx = raft_ctx(remove_members=[])
     out = C.run(ctx, ["member", "remove", "node-9002"])
     assert out.ok and ctx.client.calls == [("member_remove", "node-9002"), ("member_list",)]
-    assert len(out.data.members) == 3
+    assert len(out.records[0]["members"]) == 3
 
 
 def test_member_remove_refusal_is_a_failed_command_with_the_reason():
     ctx = raft_ctx(remove_ok=False, remove_error="node-7 is not a member")
     out = C.run(ctx, ["member", "remove", "node-7"])
-    assert not out.ok and "nodes" not in out.extra
+    assert not out.ok and ctx.nodes is None
     assert out.error == "member remove node-7: refused by the server: node-7 is not a member"
     ctx = raft_ctx(remove_ok=False, remove_error="no quorum")
     out = C.run(ctx, ["member", "remove", "node-9001"])
@@ -555,9 +712,9 @@ def test_member_remove_refusal_is_a_failed_command_with_the_reason():
 
 def test_consistency_command_switches_the_client():
     ctx = raft_ctx()
-    assert C.run(ctx, ["consistency"]).data.startswith("consistency is local")
+    assert C.run(ctx, ["consistency"]).message.startswith("consistency is local")
     out = C.run(ctx, ["consistency", "Linearizable"])
-    assert ctx.client.consistency == "linearizable" and "quorum" in out.data
+    assert ctx.client.consistency == "linearizable" and "quorum" in out.message
     C.run(ctx, ["consistency", "local"])
     assert ctx.client.consistency == "local" and ctx.client.calls == []
 
@@ -612,15 +769,15 @@ def test_status_outcome_names_nodes_for_completion():
     ctx = Ctx()
     ctx.client = StatusClient()
     out = C.run(ctx, ["status"])
-    assert out.ok and out.extra["down"] == 1
-    names = dict(out.extra["nodes"])
+    assert out.ok and [r["up"] for r in out.records] == [True, True, False]
+    names = dict(ctx.nodes)
     assert set(names) == {"node-9000", "node-9001", "node-9005"}
     assert names["node-9005"] == "h:9005"
 
 
 # -- renderers -----------------------------------------------------------------
 def test_member_list_renders_in_every_format():
-    o = C.Outcome("members", MemberList(MEMBERS, "node-9000", "c0ffee"))
+    o = V.member_list_view(MemberList(MEMBERS, "node-9000", "c0ffee"))
     out, _ = render("table", o)
     for word in ("node", "address", "role", "online", "match", "leader", "★ leader",
                  "127.0.0.1:9002", "learner", "3 members, leader node-9000, cluster c0ffee"):
@@ -639,7 +796,7 @@ def test_member_list_renders_in_every_format():
 
 
 def test_member_remove_renders_the_new_list_or_nothing_on_refusal():
-    ok = C.Outcome("member_remove", MemberRemoval("node-9002", True, "", MEMBERS[:2]))
+    ok = V.member_removed_view(MemberRemoval("node-9002", True, "", MEMBERS[:2]))
     out, _ = render("table", ok)
     assert "OK removed node-9002 from the cluster" in out and "node-9001" in out
     assert "127.0.0.1:9002" not in out
@@ -648,7 +805,8 @@ def test_member_remove_renders_the_new_list_or_nothing_on_refusal():
     out, _ = render("json", ok)
     d = json.loads(out)
     assert d["op"] == "member remove" and d["ok"] and len(d["members"]) == 2
-    refused = C.Outcome("member_remove", MemberRemoval("node-7", False, "not a member"), ok=False)
+    refused = V.member_removed_view(MemberRemoval("node-7", False, "not a member"),
+                                   "member remove node-7: refused by the server: not a member")
     assert render("table", refused) == ("", "") and render("plain", refused)[0] == ""
     assert json.loads(render("json", refused)[0]) == {
         "op": "member remove", "node": "node-7", "ok": False, "error": "not a member"}
@@ -665,7 +823,7 @@ def _raft_nodes():
 
 
 def test_status_table_shows_raft_fields_and_each_servers_members():
-    out, _ = render("table", C.Outcome("status", _raft_nodes()))
+    out, _ = render("table", V.status_view(_raft_nodes()))
     for word in ("role", "term", "commit", "applied", "lag", "state", "leader node-9000",
                  "cluster c0ffee", "catching-up", "node-9002 down: connection refused",
                  "members as each server sees them", "learner, offline"):
@@ -679,22 +837,22 @@ def test_status_table_shows_raft_fields_and_each_servers_members():
 
 def test_status_table_shows_leader_and_broker_columns_only_when_it_matters():
     nodes = _raft_nodes()
-    out, _ = render("table", C.Outcome("status", nodes))
+    out, _ = render("table", V.status_view(nodes))
     header = next(line for line in out.splitlines() if "node" in line and "role" in line)
     assert "broker" not in header and "leader" not in header
     nodes[1].leader, nodes[1].broker_connected = "", False
-    out, _ = render("table", C.Outcome("status", nodes))
+    out, _ = render("table", V.status_view(nodes))
     header = next(line for line in out.splitlines() if "node" in line and "role" in line)
     assert header.split()[-2:] == ["leader", "broker"] and "lost" in out
 
 
 def test_status_plain_and_json_carry_the_raft_fields():
-    out, _ = render("plain", C.Outcome("status", _raft_nodes()))
+    out, _ = render("plain", V.status_view(_raft_nodes()))
     lines = [line.split("\t") for line in out.splitlines()]
     assert lines[1] == ["127.0.0.1:9001", "up", "node-9001", "catching-up", "38", "3", "9",
                         "follower", "3", "41", "38", "node-9000,node-9001"]
     assert lines[2] == ["127.0.0.1:9002", "down", "node-9002", "connection refused"]
-    out, _ = render("json", C.Outcome("status", _raft_nodes()))
+    out, _ = render("json", V.status_view(_raft_nodes()))
     d = json.loads(out.splitlines()[0])
     assert (d["role"], d["term"], d["commit_index"], d["applied_index"], d["lag"],
             d["cluster_id"]) == ("leader", 3, 41, 41, 0, "c0ffee")
@@ -705,19 +863,19 @@ def test_status_of_a_server_without_raft_keeps_the_old_meaning_of_lag():
     n = NodeStatus("127.0.0.1:9000", True, "n1", broker_connected=True, applied_seq=5,
                    leader_seq=9, state="in-step")
     assert not n.raft and n.lag == 4
-    out, _ = render("table", C.Outcome("status", [n]))
+    out, _ = render("table", V.status_view([n]))
     row = next(line for line in out.splitlines() if line.strip().startswith("n1"))
     assert row.split() == ["n1", "-", "-", "-", "5", "4", "in-step", "0"]
 
 
 def test_unserved_reads_render_as_not_served():
     r = Read("k02", "", 0, None, "no quorum")
-    o = C.Outcome("mget", [Read("k01", "v", 1, None), r], ok=False)
+    o = V.reads_view([Read("k01", "v", 1, None), r], "mget k02: not served")
     out, _ = render("plain", o)
     assert out.splitlines() == ["k01\t1\tv", "k02\t(not served)"]
     out, _ = render("table", o)
     assert "(not served) no quorum" in out
-    assert render("table", C.Outcome("get", r, ok=False))[0] == ""
+    assert render("table", V.read_view(r, "get k02: not served"))[0] == ""
 
 
 # -- completion and highlighting ------------------------------------------------
@@ -948,7 +1106,7 @@ def test_the_shell_keeps_consistency_across_connect_and_shows_it():
             "node-9000", "node-9001", "node-9002"]
         assert shell.client.calls == [("member_list",)]
     finally:
-        shell.completer.keys.close()
+        shell.completer.close()
 
 
 def test_consistency_flag_reaches_the_client(capsys):
@@ -1029,7 +1187,7 @@ def test_whoami_shows_identity_roles_prefixes_and_tls(fmt):
 
 
 def test_prefixes_text():
-    from kvs_shell.render import prefixes_text
+    from kvs_shell.views import prefixes_text
     assert prefixes_text([], True) == "every key (admin)"
     assert prefixes_text(["app/", "x"], False) == "'app/', 'x'"
     assert prefixes_text([], False) == "none"
@@ -1261,8 +1419,8 @@ def test_diff_of_plain_values_and_of_json_values():
     assert fake.calls[-2:] == [(1, 3), (1, 0)]  # one version per call
     docs = [{"name": "ada", "roles": ["a"], "n": 1}, {"roles": ["a", "b"], "name": "ada", "n": 1}]
     fake = _FakeHistory(2, value=lambda i: json.dumps(docs[i - 1]))
-    d = _run(fake, "diff key 1 2").data
-    assert d.as_json and [l for l in d.lines if l[:1] in "+-" and l[:3] not in ("+++", "---")] \
+    d = _run(fake, "diff key 1 2").records[0]
+    assert d["json"] and [l for l in d["lines"] if l[:1] in "+-" and l[:3] not in ("+++", "---")] \
         == ['-    "a"', '+    "a",', '+    "b"']
     doc = json.loads(render("json", _run(fake, "diff key 1 2"))[0])
     assert (doc["from"], doc["to"], doc["identical"], doc["json"]) == (1, 2, False, True)
@@ -1274,7 +1432,7 @@ def test_diff_of_plain_values_and_of_json_values():
     assert "\x1b[" in colored.getvalue()  # rich colours the + / - lines
     same = _FakeHistory(2, value=lambda i: "same")
     o = _run(same, "diff key 1 2")
-    assert o.data.identical and render("plain", o)[0] == ""
+    assert o.records[0]["identical"] and render("plain", o)[0] == ""
     assert "have the same value" in render("table", o)[0]
 
 
@@ -1316,3 +1474,419 @@ def test_completion_of_options_times_and_diff_versions():
     assert frags["--limit"] == "class:kvs.option" and frags["5"] == "class:kvs.version"
     assert frags["2h"] == frags["ago"] == "class:kvs.value"
     assert "kvs.bad" in frags["--bad"]
+
+
+# ---------------------------------------------------------------------------
+# watch, export / import, compact, retention (fake clients, no server)
+# ---------------------------------------------------------------------------
+from kvs_shell.client import (Change, Compacted, ExportedKey, FailedPrecondition,  # noqa: E402
+                              InvalidArgument, RetentionInfo, ServerUnavailable, WatchMessage)
+
+
+class _Stream:
+    """A scripted watch stream: WatchMessages, exceptions to raise; then (block) it waits
+    until cancelled, as a live stream does."""
+
+    def __init__(self, server, items, block=False):
+        self.server, self.items, self.block = server, list(items), block
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def __iter__(self):
+        for item in self.items:
+            if self.cancelled.is_set():
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        if self.block:
+            assert self.cancelled.wait(10), "nobody cancelled the stream"
+
+
+class WatchClient(FakeClient):
+    label = "127.0.0.1:9000"
+
+    def __init__(self, *streams, info=RetentionInfo(0, 0, 41, 1)):
+        super().__init__()
+        self.streams = list(streams)
+        self.info = info
+
+    def watch(self, prefix, start):
+        self.calls.append(("watch", prefix, start))
+        return self.streams.pop(0) if self.streams else _Stream("none", [ServerUnavailable("x")])
+
+    def retention(self, keep=None):
+        self.calls.append(("retention", keep))
+        if isinstance(self.info, Exception):
+            raise self.info
+        return self.info if keep is None else RetentionInfo(keep, 0, 42, 1, dropped=3)
+
+    def compact(self, position):
+        self.calls.append(("compact", position))
+        if position > self.info.position:
+            raise InvalidArgument(f"position {position} is beyond the last applied position "
+                                  f"{self.info.position}")
+        if position <= 10:
+            raise FailedPrecondition("compacted: already compacted at position 10")
+        return RetentionInfo(0, position, self.info.position, position, dropped=5)
+
+
+def _chg(pos, key="app/one", op="put", ver=1, value="hello", all_versions=False):
+    return Change(pos, op, key, ver, value if op == "put" else "", "node-9001",
+                  1_700_000_000.0 + pos, all_versions)
+
+
+def _wctx(client, interactive=False):
+    ctx = Ctx()
+    ctx.client = client
+    ctx.interactive = interactive
+    return ctx
+
+
+def test_watch_pipes_one_json_object_per_change_flushed_as_it_comes():
+    stream = _Stream("node-9001", [WatchMessage(4, []),
+                                   WatchMessage(6, [_chg(5), _chg(6, "app/two", ver=3)]),
+                                   WatchMessage(7, [_chg(7, op="remove", all_versions=True)]),
+                                   KeyboardInterrupt()])
+    ctx = _wctx(WatchClient(stream))
+    view = C.run(ctx, ["watch", "app/"])
+    out, err = io.StringIO(), io.StringIO()
+
+    class Flushes(io.StringIO):  # what had been flushed when each line was written
+        seen = []
+
+        def flush(self):
+            self.seen.append(self.getvalue().count("\n"))
+
+    out = Flushes()
+    Renderer("plain", out=out, err=err, color=False).render(view)
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert docs[0] == {"position": 5, "op": "put", "key": "app/one", "version": 1,
+                       "value": "hello", "node": "node-9001",
+                       "written_at": "2023-11-14T22:13:25.000+00:00", "all_versions": False}
+    assert [d["position"] for d in docs] == [5, 6, 7]
+    assert docs[2]["op"] == "remove" and docs[2]["value"] is None and docs[2]["all_versions"]
+    assert {1, 2, 3} <= set(out.seen)  # flushed after every change
+    assert "watching keys starting with 'app/' on node-9001 from position 5" in err.getvalue()
+    assert "watch stopped after 3 changes; `watch app/ --from 8` goes on" in err.getvalue()
+    assert view.ok and ctx.exited  # a signal ends a script: no further command runs
+    assert ctx.client.calls == [("watch", "app/", 0)]
+    json_out, _ = render("json", C.run(_wctx(WatchClient(_Stream("s", [
+        WatchMessage(1, []), WatchMessage(2, [_chg(2)]), KeyboardInterrupt()]))), ["watch"]))
+    assert [json.loads(x)["position"] for x in json_out.splitlines()] == [2]
+
+
+def test_watch_table_rows_and_ctrl_c_back_to_the_prompt():
+    stream = _Stream("node-9001", [WatchMessage(4, []), WatchMessage(5, [_chg(5)]),
+                                   WatchMessage(6, [_chg(6, op="remove", ver=1)]),
+                                   KeyboardInterrupt()])
+    ctx = _wctx(WatchClient(stream), interactive=True)
+    view = C.run(ctx, ["watch", "app/", "--from", "5"])
+    out, _ = render("table", view, interactive=True)
+    lines = out.splitlines()
+    assert lines[0].startswith("watching keys starting with 'app/' on node-9001 from position 5")
+    assert lines[1].split() == ["position", "time", "op", "key", "version", "node", "value"]
+    assert lines[2].split()[0] == "5" and "put" in lines[2] and "hello" in lines[2]
+    assert lines[3].split()[2:5] == ["del", "app/one", "1"]
+    assert lines[2].index("app/one") == lines[3].index("app/one")  # fixed columns
+    assert lines[2].index("node-9001") == lines[3].index("node-9001")
+    long = V.change_view(_chg(9, value="x" * 200))
+    narrow, _ = render("table", long)  # 100 columns: the row is cut, never wrapped
+    assert len(narrow.splitlines()) == 1 and narrow.rstrip().endswith("…")
+    assert "watch stopped after 2 changes" in lines[4]
+    assert view.ok and not ctx.exited  # interactive: back to the prompt
+    assert ctx.client.calls == [("watch", "app/", 5)]
+
+
+def test_watch_moves_to_another_server_without_gap_or_duplicate():
+    first = _Stream("node-9001", [WatchMessage(4, []), WatchMessage(6, [_chg(5), _chg(6)]),
+                                  ServerUnavailable("server 127.0.0.1:9001 is unreachable")])
+    # the new server resends 6 (already shown), then goes on
+    second = _Stream("node-9002", [WatchMessage(9, []), WatchMessage(7, [_chg(6), _chg(7)]),
+                                   KeyboardInterrupt()])
+    ctx = _wctx(WatchClient(first, second))
+    out, err = render("json", C.run(ctx, ["watch", "app/"]))
+    assert [json.loads(x)["position"] for x in out.splitlines()] == [5, 6, 7]
+    assert ctx.client.calls == [("watch", "app/", 0), ("watch", "app/", 7)]
+    assert "reconnecting (attempt 1): server 127.0.0.1:9001 is unreachable; resuming at " \
+           "position 7" in err
+    assert "resumed on node-9002 at position 7" in err
+
+
+def test_watch_from_a_compacted_position_fails_with_the_oldest_and_a_hint():
+    stream = _Stream("s", [Compacted("watch: compacted: oldest available position 40", 40)])
+    ctx = _wctx(WatchClient(stream))
+    view = C.run(ctx, ["watch", "app/", "--from", "3"])
+    out, _ = render("json", view)
+    assert out == "" and not view.ok
+    assert "position 3 is compacted" in view.error
+    assert "the oldest position the servers still have is 40" in view.error
+    assert "`export FILE app/`" in view.error and "`watch app/ --from` P+1" in view.error
+
+
+def test_watch_that_loses_every_server_fails_with_where_to_resume(monkeypatch):
+    monkeypatch.setattr(C, "WATCH_RECONNECT_TIMEOUT", 0.0)
+    monkeypatch.setattr(C, "WATCH_BACKOFF", 0.0)
+    stream = _Stream("s", [WatchMessage(1, []), WatchMessage(2, [_chg(2)]),
+                           ServerUnavailable("server down")])
+    ctx = _wctx(WatchClient(stream))
+    view = C.run(ctx, ["watch", "app/"])
+    view.items = list(view.items)  # runs it to the end
+    assert not view.ok and "`watch app/ --from 3` resumes without a gap" in view.error
+
+
+@pytest.mark.parametrize("words,message", [
+    (["watch", "app/", "--from", "0"], "invalid --from 0"),
+    (["watch", "app/", "--from", "x1"], "invalid --from 'x1'"),
+    (["watch", "a", "b"], "usage: watch"),
+    (["compact"], "usage: compact POSITION"),
+    (["compact", "-4"], "invalid position -4"),
+    (["retention", "many"], "invalid retention 'many'"),
+    (["export"], "usage: export FILE"),
+    (["import", "a", "b"], "usage: import FILE"),
+])
+def test_new_commands_refuse_bad_input_before_any_call(words, message):
+    ctx = _wctx(WatchClient())
+    with pytest.raises(C.UsageError, match=message):
+        C.run(ctx, words)
+    assert ctx.client.calls == []
+
+
+def test_ctrl_c_while_a_stream_is_printed_ends_it_as_a_success(monkeypatch):
+    from kvs_shell import app as app_mod
+    closed = []
+
+    def items():
+        try:
+            yield V.TableView(columns=[V.Column("key")], rows=[("k01",)])
+            yield V.TableView(columns=[V.Column("key")], rows=[("k02",)])
+        finally:
+            closed.append(True)
+
+    class Interrupting(Renderer):  # Ctrl-C lands while the renderer prints
+        def render(self, view):
+            for item in view.items:
+                super().render(item)
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_mod.C, "run", lambda ctx, words: V.StreamView(items=items()))
+    shell, out, err = _shell(WhoClient(READER))
+    shell.renderer = Interrupting("plain", out=out, err=err, color=False)
+    try:
+        assert shell.run_words(["watch"]) and shell.failed == 0
+        assert out.getvalue() == "k01\n" and err.getvalue() == "" and closed == [True]
+        assert shell.exit_requested  # not interactive: the script ends
+    finally:
+        shell.close()
+
+
+class ExportClient(WatchClient):
+    def __init__(self, keys, position=9, fail=None):
+        super().__init__()
+        self.keys, self.position, self.fail = keys, position, fail
+        self.timeout = 5.0
+        self.store: dict[str, list[str]] = {}
+
+    def export(self, prefix):
+        self.calls.append(("export", prefix))
+        client = self
+
+        class Handle:
+            position = client.position
+
+            def cancel(self):
+                pass
+
+            def __iter__(self):
+                for k in client.keys:
+                    if client.fail:
+                        raise client.fail
+                    if k.key.startswith(prefix):
+                        yield client.position, k
+        return Handle()
+
+    def mput(self, pairs, request_id=None, timeout=None):
+        self.calls.append(("mput", len(pairs)))
+        out = []
+        for k, v in pairs:
+            if self.fail:
+                out.append(Written(k, -1, "no quorum: test"))
+                continue
+            self.store.setdefault(k, []).append(v)
+            out.append(Written(k, len(self.store[k]), value=v))
+        return out
+
+    def mdel(self, items, request_id=None, timeout=None):
+        self.calls.append(("mdel", len(items)))
+        return [Written(k, v, requested=v) for k, v in items]
+
+
+def _exported():
+    from kvs_shell.client import VersionInfo
+    return [ExportedKey("app/a", 2, [VersionInfo(1, "a-one", 1.7e9, "node-1", 3),
+                                     VersionInfo(2, "a-two", 1.7e9, "node-1", 5)]),
+            ExportedKey("app/b", 3, [VersionInfo(3, "b-three", 1.7e9, "node-2", 8)]),
+            ExportedKey("zzz/c", 1, [VersionInfo(1, "c-one", 1.7e9, "node-2", 2)])]
+
+
+class _ProgressCtx(Ctx):
+    def __init__(self, client):
+        super().__init__()
+        self.client = client
+        self.bars = []
+
+    def progress(self, label, unit):
+        import contextlib
+        calls = []
+        self.bars.append((label, unit, calls))
+        return contextlib.nullcontext(lambda done, total: calls.append((done, total)))
+
+
+def test_export_then_import_show_their_summaries(tmp_path):
+    path = tmp_path / "out.jsonl"
+    ctx = _ProgressCtx(ExportClient(_exported()))
+    view = C.run(ctx, ["export", str(path), "app/"])
+    assert view.ok and view.records == [{"op": "export", "path": str(path), "prefix": "app/",
+                                         "position": 9, "keys": 2, "versions": 3,
+                                         "bytes": path.stat().st_size}]
+    assert render("plain", view)[0] == f"{path}\t9\t2\t3\t{path.stat().st_size}\n"
+    table, _ = render("table", view)
+    assert "OK exported 2 keys (3 versions" in table and "as of position 9" in table
+    assert ctx.bars[0][:2] == ("exporting 'app/'", "keys") and ctx.bars[0][2] == [(1, None),
+                                                                                  (2, None)]
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0])["position"] == 9 and len(lines) == 4
+
+    target = _ProgressCtx(ExportClient([]))
+    view = C.run(target, ["import", str(path)])
+    assert view.ok and target.written == ["*"]  # completion caches are due again
+    rec = view.records[0]
+    assert (rec["keys"], rec["versions"], rec["total"], rec["batches"], rec["placeholders"],
+            rec["renumbered"], rec["complete"]) == (2, 3, 3, 1, 2, 0, True)
+    assert target.client.store == {"app/a": ["a-one", "a-two"],
+                                   "app/b": [V_PLACEHOLDER, V_PLACEHOLDER, "b-three"]}
+    assert target.bars[0][2][-1] == (3, 3)
+    table, _ = render("table", view)
+    for word in ("import complete", "placeholders", "2 (gaps filled, then removed)", "3 of 3"):
+        assert word in table
+    assert render("plain", view)[0] == f"{path}\t2\t3\t1\t2\t0\t0\n"
+
+
+V_PLACEHOLDER = "(kvs import: placeholder for a missing version)"
+
+
+def test_export_and_import_errors_are_clear(tmp_path):
+    ctx = _ProgressCtx(ExportClient(_exported()))
+    view = C.run(ctx, ["export", str(tmp_path / "no" / "such" / "dir.jsonl")])
+    assert not view.ok and "cannot write the file: No such file or directory" in view.error
+    ctx.client.fail = client_mod.PermissionDenied("permission denied: reader may not export")
+    view = C.run(ctx, ["export", str(tmp_path / "x.jsonl")])
+    assert view.error.endswith("permission denied: reader may not export (no file was written)")
+    assert not (tmp_path / "x.jsonl").exists()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kvs_export": 1, "position": 3}\n{"key": "abc", "version": 1}\n')
+    target = ExportClient([])
+    view = C.run(_wctx(target), ["import", str(bad)])
+    assert view.error == (f"import {bad}: not a valid export file: line 2: 'value' must be "
+                          "text of at least 3 characters, not None; nothing was imported")
+    assert [c for c in target.calls if c[0] == "mput"] == []
+    view = C.run(_wctx(target), ["import", str(tmp_path / "missing.jsonl")])
+    assert "cannot read the file: No such file or directory" in view.error
+
+    good = tmp_path / "good.jsonl"
+    C.run(_ProgressCtx(ExportClient(_exported())), ["export", str(good)])
+    target = ExportClient([], fail=True)
+    view = C.run(_wctx(target), ["import", str(good)])
+    assert not view.ok and "import stopped at batch 0 (lines 2-5)" in view.error
+    assert "nothing was imported" in view.error and "Rerun is safe" in view.error
+    assert view.records[0]["complete"] is False and view.records[0]["line"] == 0
+
+
+def test_compact_and_retention_views_and_refusals():
+    ctx = _wctx(WatchClient(info=RetentionInfo(0, 0, 41, 1)))
+    view = C.run(ctx, ["retention"])
+    assert view.records == [{"op": "retention", "keep_versions": 0, "compacted": 0,
+                             "position": 41, "oldest_watch": 1, "dropped": 0}]
+    table, _ = render("table", view)
+    assert "all (0: no limit)" in table and "never" in table and "41 (last applied)" in table
+    assert render("plain", view)[0] == "0\t0\t41\t1\t0\n"
+    assert ctx.written == []
+
+    view = C.run(ctx, ["retention", "2"])
+    assert view.ok and view.records[0]["keep_versions"] == 2 and ctx.written == ["*"]
+    table, _ = render("table", view)
+    assert "now keeping at most 2 live versions per key: 3 versions dropped" in table
+
+    view = C.run(ctx, ["compact", "30"])
+    assert view.ok and view.records[0] == {"op": "compact", "keep_versions": 0,
+                                           "compacted": 30, "position": 41,
+                                           "oldest_watch": 30, "dropped": 5}
+    table, _ = render("table", view)
+    assert "compacted at position 30: 5 versions dropped" in table
+
+    view = C.run(ctx, ["compact", "99"])
+    assert view.error == "compact 99: position 99 is beyond the last applied position 41"
+    assert json.loads(render("json", view)[0])["ok"] is False
+    view = C.run(ctx, ["compact", "7"])
+    assert view.error == "compact 7: compacted: already compacted at position 10"
+    assert ("compact", 99) in ctx.client.calls
+
+
+def test_completion_of_positions_counts_and_files(tmp_path):
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+    client = WatchClient(info=RetentionInfo(2, 5, 41, 6))
+    comp = KVSCompleter(lambda: client)
+
+    def got(line):
+        return [(c.text, c.display_meta_text) for c in
+                comp.get_completions(Document(line), CompleteEvent())]
+
+    assert got("compact ") == [("41", "the current position (last applied)")]
+    assert got("compact 5") == []
+    assert got("watch app/ --") == [("--from", "replay from this log position (history's seq)")]
+    assert [t for t, _ in got("watch app/ --from ")] == ["42", "41", "6"]
+    assert [t for t, _ in got("watch app/ --from 4")] == ["42", "41"]
+    assert got("retention ")[:2] == [("2", "current"), ("0", "keep every version")]
+    assert [c for c in client.calls if c[0] == "retention"] == [("retention", None)]  # cached
+    comp.wrote(None)  # a write makes the next completion ask again
+    got("compact ")
+    assert len([c for c in client.calls if c[0] == "retention"]) == 2
+    client.info = client_mod.ServerUnavailable("down")
+    comp.wrote(None)
+    assert got("compact ") == []  # never raises
+
+    (tmp_path / "dump-one.jsonl").write_text("")
+    (tmp_path / "dump two.jsonl").write_text("")
+    texts = sorted(t for t, _ in got(f"import {tmp_path}/dump"))
+    assert texts == [f"'{tmp_path}/dump two.jsonl'", f"{tmp_path}/dump-one.jsonl"]
+    assert [t for t, _ in got(f"export {tmp_path}/dump-")] == [f"{tmp_path}/dump-one.jsonl"]
+
+
+def test_lexer_styles_positions_and_files():
+    frags = {t: s for s, t in highlight("watch app/ --from 12; compact x9; retention 3; "
+                                        "export out.jsonl app/")}
+    assert frags["watch"] == "class:kvs.command" and frags["app/"] == "class:kvs.key"
+    assert frags["--from"] == "class:kvs.option" and frags["12"] == "class:kvs.version"
+    assert "kvs.bad" in frags["x9"] and frags["3"] == "class:kvs.version"
+    assert frags["out.jsonl"] == "class:kvs.value"
+
+
+def test_progress_bar_only_on_a_terminal_and_only_for_long_runs():
+    from rich.console import Console
+    from kvs_shell.render import ProgressBar
+    assert Renderer("table", out=io.StringIO(), err=io.StringIO()).progress("x", "keys") \
+        .__enter__() is None  # piped: no bar
+    now = [0.0]
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=80)
+    with ProgressBar(console, "importing", "versions", delay=0.5, clock=lambda: now[0]) as bar:
+        bar(10, 100)  # a short run shows nothing
+        assert not bar.shown
+        now[0] = 1.0
+        bar(50, 100)
+        assert bar.shown
+    assert "importing" in buf.getvalue() and "50/100 versions" in buf.getvalue()
