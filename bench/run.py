@@ -31,27 +31,27 @@ import datetime as dt
 import json
 import os
 import platform
-import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(BENCH)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from kvs_common.channel import make_channel  # noqa: E402
 from kvs_common.status import fetch_status  # noqa: E402
+from worker import WorkerProcess  # noqa: E402  (bench/worker.py)
 
 PY = sys.executable
 # The broker tuning the local cluster uses too (kvs_cluster up): TCP_NODELAY on the
@@ -81,49 +81,12 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- load generator process
-class LoadGen:
+class LoadGen(WorkerProcess):
     """bench/loadgen.py --serve in its own process; one JSON command per line."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([PY, str(BENCH / "loadgen.py"), "--serve"], cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._reader, daemon=True).start()
-        hello = self.q.get(timeout=30)
-        if not hello or not hello.get("ready"):
-            raise RuntimeError(f"loadgen did not start: {hello}")
-        self.pid = hello["pid"]
-
-    def _reader(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.q.put(json.loads(line))
-            except json.JSONDecodeError:
-                log(f"loadgen: {line.rstrip()}")
-        self.q.put(None)
-
-    def call(self, cmd: str, timeout: float = 900.0, **kw) -> dict:
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        try:
-            res = self.q.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"loadgen: no answer to {cmd} within {timeout}s")
-        if res is None:
-            raise RuntimeError(f"loadgen exited (code {self.proc.poll()})")
-        if not res.get("ok"):
-            raise RuntimeError(f"loadgen {cmd} failed: {res.get('error')}\n{res.get('traceback', '')}")
-        return res
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__([PY, str(BENCH / "loadgen.py"), "--serve"], "loadgen", log, cwd=ROOT,
+                         timeout=900.0)
 
 
 # ----------------------------------------------------------------------------- small gRPC helpers

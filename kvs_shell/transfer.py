@@ -11,12 +11,12 @@ ascending, all as of log position ``P``.  ``written_at``/``node``/``position`` (
 position that wrote the version) are information only: an import writes new versions.
 
 Import goes through ``InsereVarias`` / ``RemoveVarias`` in batches of consecutive file
-lines.  Each batch carries a request id derived from its content and number, so running
-the same import again -- after a failure, or by mistake -- applies nothing twice: the
-servers answer a known id with its first outcome.  They remember the last
-``KEEP_IDS`` (100,000) change ids of the whole cluster, so that holds while fewer
-changes than that happened since; and only with the same ``batch`` size, which decides
-where batches start.
+lines.  Running the same import again -- after a failure, or by mistake -- applies nothing
+twice: first, batches whose every version is on the target already (same number, same
+value) are skipped, up to the first batch that is not; then each batch carries a request
+id derived from its content and number, and the servers answer a known id with its first
+outcome (they remember the last ``KEEP_IDS`` (100,000) change ids of the whole cluster;
+and only with the same ``batch`` size, which decides where batches start).
 
 Version numbers are kept on a key that is fresh on the target: a gap in the file (a
 removed, or retention-dropped, version) is filled with a placeholder value that is
@@ -95,6 +95,7 @@ class ImportSummary:
     unfilled_keys: list[str] = field(default_factory=list)
     line: int = 0              # last file line fully imported
     complete: bool = False
+    skipped: int = 0           # versions found on the target already (a rerun): not written
 
 
 # ---------------------------------------------------------------------------
@@ -122,6 +123,7 @@ def write_export(out: IO[str], items, prefix: str = "", position: Callable[[], i
         summary.bytes += len(text.encode("utf-8"))
 
     wrote_header = False
+    last_key = None
     for pos, key in items:
         if not wrote_header:
             summary.position = pos
@@ -131,7 +133,9 @@ def write_export(out: IO[str], items, prefix: str = "", position: Callable[[], i
             emit({"key": key.key, "version": v.version, "value": v.value,
                   "written_at": v.written_at, "node": v.node, "position": v.seq})
             summary.versions += 1
-        summary.keys += 1
+        if key.key != last_key:   # a key with many versions may span two chunks
+            summary.keys += 1
+            last_key = key.key
         if progress is not None:
             progress(summary.keys, None)
     if not wrote_header:
@@ -383,10 +387,26 @@ def import_from(client, path_or_file, progress: Progress | None = None,
         last_key = None
         renumbered_key = None
         timeout = max(getattr(client, "timeout", 5.0) or 5.0, 60.0)
+        checking = True
         if progress is not None:
             progress(0, summary.total)
         for b in planner.batches(records):
             where = f"batch {b.number} (lines {b.records[0].line}-{b.records[-1].line})"
+            # Until the first batch that is not on the target yet: a rerun skips what an
+            # earlier run wrote (batches go in file order, so after that one none is).
+            checking = checking and _already_in(client, b)
+            if checking:
+                summary.skipped += len(b.records)
+                for r in b.records:
+                    if r.key != last_key:
+                        last_key = r.key
+                        summary.keys += 1
+                summary.versions += len(b.records)
+                summary.batches += 1
+                summary.line = b.records[-1].line
+                if progress is not None:
+                    progress(summary.versions, summary.total)
+                continue
             try:
                 written = client.mput([(p.key, p.value) for p in b.puts],
                                       request_id=b.request_id, timeout=timeout)
@@ -440,6 +460,21 @@ def import_from(client, path_or_file, progress: Progress | None = None,
             f.close()
     summary.complete = True
     return summary
+
+
+def _already_in(client, b: Batch) -> bool:
+    """Every version of the batch is on the target already, at its number, with its value
+    (a rerun of an import, or of its first part): the batch is skipped.  This makes a rerun
+    write nothing however long ago the first run was -- the request ids alone hold only
+    while the servers remember them (the last 100,000 changes).  Only the batches up to the
+    first one that is not there are checked (a fresh import pays one read), and keys that
+    were renumbered (they existed on the target before) cannot be recognised this way."""
+    try:
+        found = client.mget([(r.key, r.version) for r in b.records])
+    except ClientError:
+        return False   # the write path reports the problem
+    return len(found) == len(b.records) and all(
+        f.version == r.version and f.value == r.value for f, r in zip(found, b.records))
 
 
 def _resume_hint(summary: ImportSummary) -> str:

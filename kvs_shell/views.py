@@ -590,7 +590,8 @@ def import_record(s) -> dict:
             "keys": s.keys, "versions": s.versions, "total": s.total, "batches": s.batches,
             "placeholders": s.placeholders, "renumbered": s.renumbered,
             "renumbered_keys": list(s.renumbered_keys), "unfilled": s.unfilled,
-            "unfilled_keys": list(s.unfilled_keys), "line": s.line, "complete": s.complete}
+            "unfilled_keys": list(s.unfilled_keys), "line": s.line, "complete": s.complete,
+            "skipped": s.skipped}
 
 
 def _some(keys: Sequence[str], n: int) -> str:
@@ -607,7 +608,9 @@ def import_view(s, error: str = "") -> View:
     rows: list[tuple[str, Cell]] = [
         ("file", s.path), ("exported at", f"position {s.position}"
                            + (f", prefix {s.prefix!r}" if s.prefix else "")),
-        ("keys", s.keys), ("versions", f"{s.versions} of {s.total}"), ("batches", s.batches),
+        ("keys", s.keys), ("versions", f"{s.versions} of {s.total}"
+                           + (f" ({s.skipped} already here: not written again)"
+                              if s.skipped else "")), ("batches", s.batches),
         ("placeholders", f"{s.placeholders} (gaps filled, then removed)"
          if s.placeholders else 0),
         ("renumbered", Text(f"{s.renumbered} keys: " + _some(s.renumbered_keys, s.renumbered)

@@ -110,11 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           " 64 MiB of them); an older start position is 'compacted'")
     ret.add_argument("--snapshot-every", type=_positive,
                      default=int(env("KVS_SNAPSHOT_EVERY", "50000")),
-                     help="applied log entries between snapshots (and log compactions)")
+                     help="applied changes between snapshots (and log compactions)")
     ret.add_argument("--log-keep-entries", type=_nonneg,
                      default=int(env("KVS_LOG_KEEP_ENTRIES", "5000")),
-                     help="entries kept behind a log compaction for slow followers (a follower"
-                          " further behind takes a state transfer)")
+                     help="entries kept behind a log compaction for slow followers, at most"
+                          " 64 MiB of them (a follower further behind takes a state transfer)")
     lim = p.add_argument_group("bounds")
     lim.add_argument("--max-concurrent-rpcs", type=int,
                      default=int(env("KVS_MAX_CONCURRENT_RPCS", str(DEFAULT_MAX_RPCS))),

@@ -31,7 +31,7 @@ from .applier import Applier, Reader
 from .codec import BadMessage
 from .peers import PeerClients
 from .raft.machine import Machine
-from .raft.types import CONF, Config, MsgType, Ready, Role, SnapshotMeta
+from .raft.types import CONF, NORMAL, Config, MsgType, Ready, Role, SnapshotMeta
 from .transport import BrokerConfig, MqttTransport
 from .waiters import Outcome, Waiters
 from .watch import WatchHub
@@ -454,7 +454,9 @@ class Node:
                 conf_changed = True
                 log.info("membership at %d: %s -> voters %s, learners %s", e.index, e.data,
                          sorted(self.applier.conf.voters), sorted(self.applier.conf.learners))
-            self._since_snapshot += 1
+            # changes, not entries: an entry of a busy leader carries hundreds of them
+            items = e.data.get("items", ()) if e.kind == NORMAL and e.data else ()
+            self._since_snapshot += max(1, len(items))
         if rd.committed:
             a = self.applier
             self.watch.publish(a.take_changes(), a.changes, a.compacted)
@@ -490,10 +492,21 @@ class Node:
     def _snapshot_meta(self) -> dict:
         return dict(self.applier.meta(), cid=self.cid, node=self.node)
 
+    def _keep_from(self, index: int) -> int:
+        """First index kept behind a compaction at ``index``: ``keep_entries`` entries for
+        slow followers, but no more than KEEP_BYTES of them (batches can be large)."""
+        lo = max(self.machine.first_index, index - self.cfg.keep_entries)
+        size = 0
+        for e in reversed(self.machine.log.slice(lo, index)):
+            size += e.size
+            if size > KEEP_BYTES:
+                return e.index + 1
+        return max(0, index - self.cfg.keep_entries)
+
     def _snapshot(self) -> None:
         self._since_snapshot = 0
         index = self.applier.index
-        keep_from = max(0, index - self.cfg.keep_entries)
+        keep_from = self._keep_from(index)
         if self.datadir is None:
             if keep_from > self.machine.first_index:
                 self.machine.compact(keep_from)
@@ -913,6 +926,7 @@ class Node:
 PROPOSAL_MAX_AGE = 120.0
 LINGER = 0.002   # s a leader holds new changes back while an earlier batch replicates
 MAX_TERM_JUMP = 1_000_000
+KEEP_BYTES = 64 << 20   # of entries kept in memory behind a log compaction
 
 
 def _fresh(entries) -> bool:

@@ -385,3 +385,23 @@ def test_mutated_documents_are_valid_or_bad_message(m, in_entries, data):
     else:
         doc = _mutate(doc, data.draw)
     decode_all(json.dumps(doc).encode())
+
+
+def test_compact_and_retain_changes_are_strict():
+    """Issue 12: retention travels as log entries; what a hostile proposer sends is refused
+    before it reaches the applier."""
+    good = {"ts": 1.0, "items": [{"op": "compact", "id": "c1", "pos": 7, "node": "n1"},
+                                 {"op": "retain", "id": "r1", "keep": 10, "node": "n1"},
+                                 {"op": "retain", "id": "r2", "keep": 0, "node": "n1"}]}
+    e = Entry(2, 5, NORMAL, good)
+    codec.check_entry(e)
+    assert codec.decode_entry(codec.encode_entry(e)).data == good
+    for item in ({"op": "compact", "id": "c", "pos": -1, "node": "n"},
+                 {"op": "compact", "id": "c", "pos": "7", "node": "n"},
+                 {"op": "compact", "id": "c", "node": "n"},
+                 {"op": "retain", "id": "r", "keep": -1, "node": "n"},
+                 {"op": "retain", "id": "r", "keep": 2**31, "node": "n"},
+                 {"op": "retain", "id": "r", "keep": 3, "node": "n", "k": "key"},
+                 {"op": "truncate", "id": "t", "node": "n"}):
+        with pytest.raises(BadMessage):
+            codec.check_entry(Entry(1, 1, NORMAL, {"ts": 1.0, "items": [item]}))

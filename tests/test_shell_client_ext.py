@@ -18,7 +18,7 @@ from conftest import wait_until
 from kvs_shell.client import (Change, Client, ClientError, Compacted, ExportedKey,
                               FailedPrecondition, InvalidArgument, PermissionDenied,
                               ServerUnavailable, VersionInfo, WatchLagged, WatchMessage,
-                              Written)
+                              Read, Written)
 from kvs_shell.transfer import (BadExportFile, ImportFailed, Planner, Record,
                                 export_to, import_from, read_export, write_export)
 from kvs_shell.watching import Connected, Follower, Reconnecting, Resumed
@@ -399,6 +399,14 @@ class FakeKVS:
             out.append(Written(k, -1, "no quorum: test") if ver is None else Written(k, ver))
         return out
 
+    def mget(self, items):
+        out = []
+        for k, v in items:
+            live = [n for n in self.keys.get(k, {}) if n <= v]
+            n = max(live) if live else 0
+            out.append(Read(k, self.keys[k][n] if n else "", n, v))
+        return out
+
     def history(self):
         return {k: sorted(vs.items()) for k, vs in self.keys.items() if vs}
 
@@ -431,6 +439,20 @@ def test_import_reproduces_versions_and_a_rerun_writes_nothing(tmp_path):
     s2 = import_from(kvs, path, batch=2)
     assert kvs.changes == changes_before and kvs.history() == SOURCE
     assert (s2.versions, s2.renumbered) == (5, 0)
+
+
+def test_a_rerun_long_after_writes_nothing_even_when_the_ids_are_forgotten(tmp_path):
+    """The servers remember the last 100,000 change ids; an import of more versions than
+    that must still not be written twice: batches already on the target are skipped."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(export_text(SOURCE))
+    kvs = FakeKVS()
+    import_from(kvs, path, batch=2)
+    kvs.ids.clear()                      # the cluster forgot every id of the first run
+    changes_before = kvs.changes
+    s = import_from(kvs, path, batch=2)
+    assert kvs.changes == changes_before and kvs.history() == SOURCE
+    assert (s.skipped, s.versions, s.keys, s.complete) == (5, 5, 3, True)
 
 
 def test_import_appends_to_existing_keys_as_renumbered(tmp_path):

@@ -83,13 +83,11 @@ def test_a_batch_is_encoded_once_for_many_watchers():
 
 
 def test_a_laggard_is_cancelled_with_its_resume_position_and_others_go_on():
-    hub = WatchHub(watcher_messages=3)
+    hub = WatchHub(watcher_bytes=300)
     slow, fast = hub.open("", 0), hub.open("", 0)
-    for i in range(1, 4):
-        hub.publish([change(i)], head=i)
-    assert drain(hub, fast) == [1, 2, 3]
-    hub.publish([change(4)], head=4)          # slow's queue holds 3 messages: full
-    assert drain(hub, fast) == [4]
+    for i in range(1, 4):      # ~130 bytes each: the third overflows slow's 300 bytes
+        hub.publish([change(i, value="v" * 100)], head=i)
+        assert drain(hub, fast) == [i]
     with pytest.raises(Lagged) as e:
         drain(hub, slow)
     assert e.value.resume == 1 and e.value.code == "RESOURCE_EXHAUSTED"
@@ -97,7 +95,32 @@ def test_a_laggard_is_cancelled_with_its_resume_position_and_others_go_on():
     assert hub.lagged == 1 and slow not in hub.watchers
     # resuming there replays from the ring: nothing lost, nothing twice
     again = hub.open("", e.value.resume)
-    assert drain(hub, again) == [1, 2, 3, 4]
+    assert drain(hub, again) == [1, 2, 3]
+
+
+def test_batches_a_slow_watcher_has_not_taken_merge_into_one_message():
+    hub = WatchHub()
+    w = hub.open("", 0)
+    for i in range(1, 6):
+        hub.publish([change(i)], head=i)
+    hub.publish([], head=6)          # position 6 was no change: only the head moves
+    assert len(w.queue) == 1
+    msg = decode(hub.poll(w))
+    assert [c.position for c in msg.changes] == [1, 2, 3, 4, 5] and msg.head == 5
+    hub.publish([change(7)], head=7)
+    assert drain(hub, w) == [7]
+
+
+def test_too_many_unmerged_messages_is_lag_too():
+    hub = WatchHub(watcher_messages=2)
+    w = hub.open("", 0)
+    big = "x" * (200 * 1024)    # two of these do not merge (256 KiB per message)
+    hub.publish([change(1, value=big)], head=1)
+    hub.publish([change(2, value=big)], head=2)
+    hub.publish([change(3, value=big)], head=3)
+    with pytest.raises(Lagged) as e:
+        drain(hub, w)
+    assert e.value.resume == 1
 
 
 def test_lag_by_bytes_keeps_at_least_one_message():
