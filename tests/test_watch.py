@@ -233,14 +233,14 @@ def test_replicas_identical_after_compaction_across_state_transfer_and_restart(t
         c.wait_ready(timeout=60)
         stubs = [stub(a) for a in c.addresses]
         p = f"rep-{uid()}/"
-        for i in range(300):
+        for i in range(150):
             stubs[i % 3].insere(f"{p}k{i % 10}", f"value-{i}")
         mid = stubs[0].ext.Retention(kvs_pb2.RetentionRequest(), timeout=5).position
         stubs[1].ext.Compact(kvs_pb2.CompactRequest(position=mid - 50), timeout=10)
         info = stubs[2].ext.Retention(kvs_pb2.RetentionRequest(set=True, keep_versions=4),
                                       timeout=10)
         assert info.keep_versions == 4 and info.dropped > 0
-        for i in range(300, 420):
+        for i in range(150, 210):
             stubs[i % 3].insere(f"{p}k{i % 10}", f"value-{i}")
         newbie = c.add_server(persistent=True)
         newbie.wait_ready(timeout=90)
@@ -254,7 +254,7 @@ def test_replicas_identical_after_compaction_across_state_transfer_and_restart(t
         assert view[0][:2] == (4, mid - 50)
         rows = view[1]
         assert len(rows) == 10 and all(len(vs) == 4 for _, _, vs in rows)
-        assert all(mx == 42 for _, mx, _ in rows)   # 420 writes over 10 keys: numbers kept
+        assert all(mx == 21 for _, mx, _ in rows)   # 210 writes over 10 keys: numbers kept
         log = Path(newbie.log_path).read_text() if getattr(newbie, "log_path", None) else \
             newbie.log_text()
         assert "state transfer done" in log, "the newcomer should have taken a state transfer"
@@ -275,7 +275,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_memory_stays_bounded_with_keep_versions(tmp_path):
-    """20,000 writes of 2 KiB to 20 keys (40 MB of values): without retention every
+    """10,000 writes of 4 KiB to 20 keys (40 MB of values): without retention every
     version stays in memory; with --keep-versions 5 the store holds 100 of them."""
     common = ("--watch-history", "2000", "--snapshot-every", "200", "--log-keep-entries", "10")
     growth = {}
@@ -292,15 +292,15 @@ def test_memory_stays_bounded_with_keep_versions(tmp_path):
             pid = c.servers[0].pid
             s.insere("mem/warm", "x" * 2048)
             base = _rss_kib(pid)
-            for batch in range(40):
-                reqs = [CV(chave=f"mem/k{i % 20}", valor=f"{batch}-{i}-" + "x" * 2048)
+            for batch in range(20):
+                reqs = [CV(chave=f"mem/k{i % 20}", valor=f"{batch}-{i}-" + "x" * 4096)
                         for i in range(500)]
                 assert all(v.versao > 0 for v in s.kvs.InsereVarias(iter(reqs), timeout=60))
             growth[keep] = _rss_kib(pid) - base
             h = s.history("mem/k3")
-            assert h.max_version == 1000
-            assert len(h.versions) == (1000 if keep is None else 5)
-    print(f"\n[watch] RSS growth after 20k writes of 2 KiB: without retention "
+            assert h.max_version == 500
+            assert len(h.versions) == (500 if keep is None else 5)
+    print(f"\n[watch] RSS growth after 10k writes of 4 KiB: without retention "
           f"{growth[None] / 1024:.1f} MiB, --keep-versions 5 {growth[5] / 1024:.1f} MiB")
     assert growth[None] > 30 * 1024, growth
     assert growth[5] < growth[None] / 3, growth
