@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -131,44 +132,67 @@ def _value(i: int, length: int) -> str:
     return (head + "x" * length)[:length] if length >= len(head) else head
 
 
-async def stream_writes(target: str, total: int, streams: int = 4, keys: int = 100,
-                        key_prefix: str = "r", value_len: int = 32, chunk: int = 50_000,
-                        timeout: float = 900.0) -> dict:
-    """``total`` inserts to ``keys`` keys through ``streams`` InsereVarias streams in
-    parallel (each call carries at most ``chunk`` items, then the stream opens a new call)."""
+class _Tally:
+    """Replies and errors of InsereVarias calls (the first error kept for the report)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.errors = 0
+        self.first_error: str | None = None
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or what
+
+    def result(self, kind: str, elapsed: float, **extra) -> dict:
+        return {"kind": kind, **extra, "replies": self.done, "elapsed_s": elapsed,
+                "rate": self.done / elapsed if elapsed else 0.0, "errors": self.errors,
+                "first_error": self.first_error}
+
+
+def _chunks(items, size: int):
+    it = iter(items)
+    while part := list(itertools.islice(it, size)):
+        yield part
+
+
+async def _insert_streams(target: str, streams: int, items_of, chunk: int,
+                          timeout: float) -> tuple[_Tally, float]:
+    """``streams`` InsereVarias streams in parallel, stream ``s`` writing ``items_of(s)``;
+    each call carries at most ``chunk`` items, then the stream opens a new call."""
     stub = loadgen._stub(target)
-    done = 0
-    errors = 0
-    first_error = None
+    tally = _Tally()
 
     async def one(s: int) -> None:
-        nonlocal done, errors, first_error
-        mine = range(s, total, streams)
-        for lo in range(0, len(mine), chunk):
-            part = mine[lo:lo + chunk]
-            reqs = (kvs_pb2.ChaveValor(chave=f"{key_prefix}{i % keys:03d}", valor=_value(i, value_len))
-                    for i in part)
+        for part in _chunks(items_of(s), chunk):
             got = 0
             try:
-                async for r in stub.InsereVarias(reqs, timeout=timeout):
+                async for r in stub.InsereVarias(iter(part), timeout=timeout):
                     got += 1
                     if r.versao <= 0:
-                        errors += 1
-                        first_error = first_error or f"InsereVarias returned {r.versao}"
+                        tally.error(f"InsereVarias returned {r.versao}")
             except grpc.RpcError as e:
-                errors += 1
-                first_error = first_error or f"{e.code()}: {e.details()}"
+                tally.error(f"{e.code()}: {e.details()}")
             if got != len(part):
-                errors += 1
-                first_error = first_error or f"{got} replies for {len(part)} items"
-            done += got
+                tally.error(f"{got} replies for {len(part)} items")
+            tally.done += got
 
     t0 = perf()
     await asyncio.gather(*(one(s) for s in range(streams)))
-    el = perf() - t0
-    return {"kind": "stream_writes", "total": total, "streams": streams, "keys": keys,
-            "value_len": value_len, "replies": done, "elapsed_s": el,
-            "rate": done / el if el else 0.0, "errors": errors, "first_error": first_error}
+    return tally, perf() - t0
+
+
+async def stream_writes(target: str, total: int, streams: int = 4, keys: int = 100,
+                        key_prefix: str = "r", value_len: int = 32, chunk: int = 50_000,
+                        timeout: float = 900.0) -> dict:
+    """``total`` inserts to ``keys`` keys through ``streams`` InsereVarias streams."""
+    def items(s: int):
+        return (kvs_pb2.ChaveValor(chave=f"{key_prefix}{i % keys:03d}", valor=_value(i, value_len))
+                for i in range(s, total, streams))
+
+    tally, el = await _insert_streams(target, streams, items, chunk, timeout)
+    return tally.result("stream_writes", el, total=total, streams=streams, keys=keys,
+                        value_len=value_len)
 
 
 def versions_of(i: int) -> int:
@@ -179,11 +203,6 @@ def versions_of(i: int) -> int:
 async def load_versions(target: str, keys: int, key_prefix: str = "t", streams: int = 2,
                         chunk: int = 20_000, timeout: float = 900.0) -> dict:
     """Keys ``<prefix>NNNNNN`` with versions_of(i) versions each, values ~32 bytes."""
-    stub = loadgen._stub(target)
-    done = 0
-    errors = 0
-    first_error = None
-
     def items(s: int):
         for v in (1, 2, 3):
             for i in range(s, keys, streams):
@@ -191,37 +210,8 @@ async def load_versions(target: str, keys: int, key_prefix: str = "t", streams: 
                     yield kvs_pb2.ChaveValor(chave=f"{key_prefix}{i:06d}",
                                              valor=f"value-{i:06d}-v{v}-" + "y" * 14)
 
-    async def one(s: int) -> None:
-        nonlocal done, errors, first_error
-        it = items(s)
-        while True:
-            part = []
-            for req in it:
-                part.append(req)
-                if len(part) >= chunk:
-                    break
-            if not part:
-                return
-            got = 0
-            try:
-                async for r in stub.InsereVarias(iter(part), timeout=timeout):
-                    got += 1
-                    if r.versao <= 0:
-                        errors += 1
-                        first_error = first_error or f"InsereVarias returned {r.versao}"
-            except grpc.RpcError as e:
-                errors += 1
-                first_error = first_error or f"{e.code()}: {e.details()}"
-            if got != len(part):
-                errors += 1
-                first_error = first_error or f"{got} replies for {len(part)} items"
-            done += got
-
-    t0 = perf()
-    await asyncio.gather(*(one(s) for s in range(streams)))
-    el = perf() - t0
-    return {"kind": "load_versions", "keys": keys, "replies": done, "elapsed_s": el,
-            "rate": done / el if el else 0.0, "errors": errors, "first_error": first_error}
+    tally, el = await _insert_streams(target, streams, items, chunk, timeout)
+    return tally.result("load_versions", el, keys=keys)
 
 
 def writer_main() -> int:

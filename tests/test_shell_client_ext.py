@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import wait_until
+from fakes import FakeRpcError
 
 from kvs_shell.client import (Change, Client, ClientError, Compacted, ExportedKey,
                               FailedPrecondition, InvalidArgument, PermissionDenied,
@@ -524,20 +525,6 @@ def test_a_placeholder_dropped_by_the_target_first_is_fine(tmp_path):
 # ---------------------------------------------------------------------------
 # client: error translation without a server
 # ---------------------------------------------------------------------------
-class FakeRpcError(Exception):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return ()
-
-
 def test_watch_errors_carry_their_positions():
     import grpc
     c = Client("127.0.0.1:1")

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from fakes import FakeRpcError
+
 from kvs_shell import client as client_mod
 from kvs_shell import commands as C
 from kvs_shell.client import BadTarget, KeyList, Read, Written, Client, parse_servers
@@ -1215,26 +1217,12 @@ def test_toolbar_and_banner_show_tls_or_plaintext_and_the_identity():
         shell.close()
 
 
-class _Denied(Exception):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return ()
-
-
 def test_each_denial_gets_its_own_clear_message():
     import grpc
-    err = client_mod._translate(_Denied(grpc.StatusCode.UNAUTHENTICATED, "unknown token"), "x")
+    err = client_mod._translate(FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "unknown token"), "x")
     assert isinstance(err, client_mod.Unauthenticated)
     assert str(err).startswith("not authenticated: unknown token")
-    err = client_mod._translate(_Denied(grpc.StatusCode.PERMISSION_DENIED,
+    err = client_mod._translate(FakeRpcError(grpc.StatusCode.PERMISSION_DENIED,
                                         "reader (roles read-only) may not write key 'abc'"), "x")
     assert isinstance(err, client_mod.PermissionDenied)
     assert str(err).startswith("permission denied: reader (roles read-only) may not write key 'abc'")
