@@ -50,7 +50,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from kvs_common.channel import make_channel  # noqa: E402
-from kvs_common.status import fetch_status  # noqa: E402
+from harness import cpu_model, make_log, status, wait_until  # noqa: E402  (bench/harness.py)
 from worker import WorkerProcess  # noqa: E402  (bench/worker.py)
 
 PY = sys.executable
@@ -60,8 +60,7 @@ BROKER_TUNING = "set_tcp_nodelay true"
 perf = time.perf_counter
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("bench")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -90,12 +89,6 @@ class LoadGen(WorkerProcess):
 
 
 # ----------------------------------------------------------------------------- small gRPC helpers
-def status(addr: str, timeout: float = 2.0):
-    try:
-        with make_channel(addr) as ch:
-            return fetch_status(ch, timeout=timeout)
-    except grpc.RpcError:
-        return None
 
 
 def serving(addr: str, timeout: float = 1.0) -> bool:
@@ -105,22 +98,6 @@ def serving(addr: str, timeout: float = 1.0) -> bool:
             return r.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # keep polling until the deadline
-            last = e
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.25)
 
 
 def wait_keys(addrs: list[str], expected: int, timeout: float) -> float:
@@ -701,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if cfg.quick else "full",
         "reps": cfg.reps, "keys": cfg.keys, "cpus": os.cpu_count(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "machine": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
+        "machine": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
         "grpcio": grpc.__version__, "mosquitto": _mosquitto_version(),
         "config": {k: v for k, v in vars(cfg).items()},
         "layout": "client load -> server A (the sequencer/leader); lag A -> every other server (A itself "
@@ -760,16 +737,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if run.errors else 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _mosquitto_version() -> str:

@@ -47,7 +47,6 @@ import asyncio
 import datetime as dt
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -71,8 +70,8 @@ import grpc  # noqa: E402
 
 import loadgen  # noqa: E402  (bench/loadgen.py: channels, the JSON-lines worker loop)
 from kvs_common.channel import make_channel  # noqa: E402
-from kvs_common.status import fetch_status  # noqa: E402
 from kvs_proto import kvs_pb2, kvs_pb2_grpc  # noqa: E402
+from harness import cpu_model, make_log, status, wait_until  # noqa: E402  (bench/harness.py)
 from worker import WorkerProcess  # noqa: E402  (bench/worker.py)
 
 PY = sys.executable
@@ -85,8 +84,7 @@ perf = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def log(msg: str) -> None:
-    print(f"[watch-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = make_log("watch-bench")
 
 
 # =============================================================================
@@ -426,36 +424,12 @@ class Watchers:
 # =============================================================================
 # small helpers
 # =============================================================================
-def status(addr: str, timeout: float = 2.0):
-    try:
-        with make_channel(addr) as ch:
-            return fetch_status(ch, timeout=timeout)
-    except grpc.RpcError:
-        return None
-
-
 def position(addr: str, timeout: float = 5.0) -> int:
     """The last log position (change number) applied at ``addr`` (RetentionInfo.position;
     Status.applied_seq counts log entries, not positions)."""
     with make_channel(addr) as ch:
         return kvs_pb2_grpc.KVSExtStub(ch).Retention(kvs_pb2.RetentionRequest(set=False),
                                                       timeout=timeout).position
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as e:  # keep polling until the deadline
-            last = e
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.25)
 
 
 def settle(addrs: list[str], timeout: float = 180.0) -> float:
@@ -1043,16 +1017,6 @@ def _print_rows(rows: list[list[str]]) -> None:
             print("  ".join("-" * wd for wd in widths))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # =============================================================================
 # main
 # =============================================================================
@@ -1093,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown phase(s) {sorted(unknown)}")
     started = dt.datetime.now().astimezone()
     meta = {"date": started.strftime("%Y-%m-%d %H:%M %Z"), "mode": "quick" if args.quick else "full",
-            "cpus": os.cpu_count(), "cpu": _cpu_model(), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "cpu": cpu_model(), "machine": platform.platform(),
             "python": platform.python_version(), "grpcio": grpc.__version__,
             "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
