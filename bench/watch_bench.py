@@ -1071,27 +1071,25 @@ def main(argv: list[str] | None = None) -> int:
     t_start = perf()
     doc: dict = {"meta": meta}
     ctx.writer = Worker()
+
+    def phase(name: str, run, *args):
+        """One phase's figures, or None with the error recorded (the other phases still run)."""
+        try:
+            return run(ctx, *args)
+        except Exception as e:
+            ctx.fail(f"phase {name}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return None
+
     try:
         if "fanout" in phases:
             doc["fanout"] = {}
             for n in ctx.fanout_servers:
-                try:
-                    doc["fanout"][f"{n}srv"] = phase_fanout(ctx, n)
-                except Exception as e:
-                    ctx.fail(f"phase fanout {n}srv: {type(e).__name__}: {e}")
-                    traceback.print_exc()
-        if "retention" in phases:
-            try:
-                doc["retention"] = phase_retention(ctx)
-            except Exception as e:
-                ctx.fail(f"phase retention: {type(e).__name__}: {e}")
-                traceback.print_exc()
-        if "transfer" in phases:
-            try:
-                doc["transfer"] = phase_transfer(ctx)
-            except Exception as e:
-                ctx.fail(f"phase transfer: {type(e).__name__}: {e}")
-                traceback.print_exc()
+                if (r := phase(f"fanout {n}srv", phase_fanout, n)) is not None:
+                    doc["fanout"][f"{n}srv"] = r
+        for name, run in (("retention", phase_retention), ("transfer", phase_transfer)):
+            if name in phases and (r := phase(name, run)) is not None:
+                doc[name] = r
     finally:
         ctx.writer.close()
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
