@@ -238,7 +238,7 @@ async def lag(writer: str, readers: list[str], rate: float = 100.0, count: int =
     salt = f"{os.getpid()}-{int(time.time() * 1000) % 10**8}"
 
     async def one(i: int) -> None:
-        nonlocal errors, first_error, polls
+        nonlocal errors, first_error
         key = f"{key_prefix}{salt}-{i:06d}"
         val = f"val-{i:06d}"
         t0 = perf()

@@ -783,7 +783,7 @@ def phase_retention(ctx: Ctx) -> dict:
 # ----------------------------------------------------------------------------- transfer
 def export_state(client) -> tuple[dict, int]:
     """key -> (max_version, ((version, value), ...)) via Export; and the export's position."""
-    handle = client.export("")
+    handle = client.export("", consistency="linearizable")
     state: dict[str, list] = {}
     for _pos, k in handle:
         cur = state.get(k.key)

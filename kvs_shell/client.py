@@ -1006,14 +1006,16 @@ class Client:
         return StreamHandle(lambda: self._ext.Watch(request, timeout=None),
                             convert, self._watch_failed)
 
-    def export(self, prefix: str = "", timeout: float | None = None) -> StreamHandle:
+    def export(self, prefix: str = "", timeout: float | None = None,
+               consistency: str | None = None) -> StreamHandle:
         """Every live version of every key starting with ``prefix``, as of one position: a
         :class:`StreamHandle` of ``(position, ExportedKey)``, keys sorted, versions
         ascending, streamed chunk by chunk (never the whole store in memory).  The handle's
         ``position`` is the export's position once a chunk came (also when no key matched).
-        Honours this client's read consistency.  No deadline unless ``timeout`` is given."""
+        Reads at ``consistency`` (default: this client's level).  No deadline unless
+        ``timeout`` is given."""
         request = kvs_pb2.ExportRequest(prefix=prefix)
-        md = read_metadata(self.consistency)
+        md = read_metadata(check_consistency(consistency or self.consistency))
 
         def convert(chunk):
             if handle.position is None:

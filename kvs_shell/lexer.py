@@ -10,7 +10,7 @@ from prompt_toolkit.lexers import Lexer
 from prompt_toolkit.styles import Style
 
 from . import commands as C
-from .parser import COMMENT, SEP, WORD, tokenize
+from .parser import COMMENT, SEP, tokenize
 
 STYLE = Style.from_dict({
     "kvs.command": "bold ansigreen",

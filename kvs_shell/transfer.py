@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from .client import ClientError
+from .client import LINEARIZABLE, ClientError
 
 FORMAT = 1
 MAX_FILL = 1000            # placeholders written per key, at most
@@ -149,8 +149,10 @@ def export_to(client, path_or_file, prefix: str = "", progress: Progress | None 
     """Exports every live version of the keys starting with ``prefix`` (one consistent
     position) to a path or an open text file.  A path is written to a temporary file
     (mode 0600) in the same directory, renamed over ``path`` only when complete.
-    ``progress(keys_done, None)`` after each key (the total is not known up front)."""
-    handle = client.export(prefix)
+    ``progress(keys_done, None)`` after each key (the total is not known up front).
+    The export is a linearizable read whatever the client's level: a backup holds every
+    write acknowledged before it started, whichever server answers it."""
+    handle = client.export(prefix, consistency=LINEARIZABLE)
     if hasattr(path_or_file, "write"):
         summary = ExportSummary(getattr(path_or_file, "name", "") or "", 0, prefix)
         return write_export(path_or_file, handle, prefix, lambda: handle.position, progress,

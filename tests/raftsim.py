@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, replace
 
 from server.raft.machine import Machine
-from server.raft.types import (CONF, NORMAL, Config, Entry, HardState, Message, Role,
+from server.raft.types import (NORMAL, Config, Entry, HardState, Message, Role,
                                SnapshotMeta)
 
 REPLAY = "KVS_SIM_SEED={seed} .venv/bin/python -m pytest tests/test_raft_sim.py -k replay"

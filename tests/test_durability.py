@@ -405,7 +405,7 @@ def test_kill9_follower_under_load_restart_serves_all_acked(cluster):
     lead = leader_id(stubs)
     # the victim: a follower (test 2 kills the leader)
     victim_i = next(i for i, s in enumerate(stubs) if s.status().node_id != lead)
-    victim, vstub = cluster.servers[victim_i], stubs[victim_i]
+    victim = cluster.servers[victim_i]
     others = [s for i, s in enumerate(stubs) if i != victim_i]
     acks = Acks()
     load = Load(acks, p)

@@ -470,7 +470,7 @@ def test_g_lagging_server_cannot_be_elected_alone(fc):
     fc.resume(f2)
     fc.start(lead)
     fc.formed(timeout=40)
-    sts = wait_settled(fc.stubs, 40)
+    wait_settled(fc.stubs, 40)
     for s in fc.stubs:
         h = {v.versao: v.valor for v in s.history(p + "W").versions}
         assert h.get(ver) == "the-W", f"{s.address} lost acknowledged W v{ver}: {h}"

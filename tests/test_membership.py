@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from conftest import kvs_pb2, stub, trailing, wait_until

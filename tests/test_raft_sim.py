@@ -10,8 +10,6 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import pytest
-
 import raftsim
 from raftsim import Params, Sim, SimFailure, run_schedule, run_seeds
 from server.raft.machine import Machine

@@ -24,8 +24,8 @@ import grpc
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import (assert_replicas_identical, kvs_pb2, replica_state, statuses, stub,
-                      trailing, wait_in_step, wait_until)
+from conftest import (assert_replicas_identical, kvs_pb2, stub, trailing, wait_in_step,
+                      wait_until)
 from server import codec
 from server.raft.types import CONF, NORMAL, Entry, Message, MsgType
 

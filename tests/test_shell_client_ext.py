@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 from fakes import FakeRpcError
 
-from kvs_shell.client import (Change, Client, ClientError, Compacted, ExportedKey,
+from kvs_shell.client import (LINEARIZABLE, Change, Client, ClientError, Compacted, ExportedKey,
                               FailedPrecondition, InvalidArgument, PermissionDenied,
                               ServerUnavailable, VersionInfo, WatchLagged, WatchMessage,
                               Read, Written)
@@ -237,9 +237,11 @@ class FakeExportClient:
     def __init__(self, items, fail_after=None):
         self.items, self.fail_after = items, fail_after
         self.cancelled = False
+        self.consistency = None
 
-    def export(self, prefix):
+    def export(self, prefix, consistency=None):
         client = self
+        self.consistency = consistency
 
         class Handle:
             position = None
@@ -259,9 +261,10 @@ class FakeExportClient:
 def test_export_to_writes_a_private_file_atomically(tmp_path):
     path = tmp_path / "out.jsonl"
     seen = []
-    s = export_to(FakeExportClient(exported_items()), path, "exp-",
-                  progress=lambda done, total: seen.append((done, total)))
+    client = FakeExportClient(exported_items())
+    s = export_to(client, path, "exp-", progress=lambda done, total: seen.append((done, total)))
     assert s.versions == 3 and s.path == str(path)
+    assert client.consistency == LINEARIZABLE  # a backup holds every acknowledged write
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert seen == [(1, None), (2, None)]
     assert os.listdir(tmp_path) == ["out.jsonl"]
@@ -549,7 +552,7 @@ def test_watch_errors_carry_their_positions():
 # ---------------------------------------------------------------------------
 def _history_of(client: Client, prefix: str) -> dict[str, list[tuple[int, str]]]:
     return {k.key: [(v.version, v.value) for v in k.versions]
-            for _pos, k in client.export(prefix)}
+            for _pos, k in client.export(prefix, consistency=LINEARIZABLE)}
 
 
 @pytest.mark.integration

@@ -1677,7 +1677,7 @@ class ExportClient(WatchClient):
         self.timeout = 5.0
         self.store: dict[str, list[str]] = {}
 
-    def export(self, prefix):
+    def export(self, prefix, consistency=None):
         self.calls.append(("export", prefix))
         client = self
 

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, wait_until
 
-from kvs_shell.client import Client, ClientError
+from kvs_shell.client import LINEARIZABLE, Client, ClientError
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +229,7 @@ def test_piped_watch_ends_cleanly_on_sigterm(cluster3, tmp_path):
 # ---------------------------------------------------------------------------
 def _history_of(client: Client, prefix: str) -> dict:
     return {k.key: [(v.version, v.value) for v in k.versions]
-            for _pos, k in client.export(prefix)}
+            for _pos, k in client.export(prefix, consistency=LINEARIZABLE)}
 
 
 def test_export_import_compact_and_retention_through_the_shell(cluster3, solo, tmp_path):
