@@ -13,6 +13,11 @@ REQUEST_ID = "kvs-request-id"       # idempotency key of a write (a stream's i-t
 CONSISTENCY = "kvs-consistency"     # request: how a read is served
 ERROR = "kvs-error"                 # trailing: why an answer is -1 / blank
 NODE = "kvs-node"                   # trailing: the node that answered
+# Session guarantees over several servers: every KVS answer carries the answering server's
+# "<cluster id>/<applied position>"; a read sent with the greatest one a client has seen waits
+# until its server has applied that far (read-your-writes, monotonic reads).
+POSITION = "kvs-position"           # trailing: "<cluster id>/<position>"
+AFTER = "kvs-after"                 # request: "<cluster id>/<position>" a read waits for
 
 LOCAL, LINEARIZABLE = "local", "linearizable"   # values of CONSISTENCY
 CONSISTENCY_LEVELS = (LOCAL, LINEARIZABLE)

@@ -20,6 +20,12 @@ Reads (Consulta, ConsultaVarias, Snapshot) are served from the answering server'
 state by default; a client with ``consistency="linearizable"`` sends
 ``kvs-consistency: linearizable`` on them, and the server answers only after
 confirming with a quorum that it has every write acknowledged before (ReadIndex).
+Either way a client of several servers keeps its session's order: each answer
+carries its server's applied position (``kvs-position``), and every read (also
+History and Export) sends the greatest one seen so far as ``kvs-after``, so the
+server waits until it has applied that far: a read shows the client's own
+writes and never goes back behind an earlier read (read-your-writes, monotonic
+reads), whichever server answers.
 
 Security (opt-in, see :class:`Security`): TLS with a given CA (optionally a
 client certificate for mutual TLS) and a bearer token sent as
@@ -35,7 +41,6 @@ Long-lived streams (``watch``, ``export``) have no deadline and come back as a
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -60,8 +65,8 @@ ERROR_KEY = wire.ERROR
 REQUEST_ID_KEY = wire.REQUEST_ID
 NODE_KEY = wire.NODE  # optional trailing metadata: the node that answered
 CONSISTENCY_KEY = wire.CONSISTENCY  # request metadata of a read
-READ_YOUR_WRITES_WAIT = 1.0   # s a read waits for a lagging server to show our write
-READ_YOUR_WRITES_KEYS = 10_000  # keys whose last written version a session remembers
+POSITION_KEY = wire.POSITION  # trailing: "<cluster id>/<position>" the server has applied
+AFTER_KEY = wire.AFTER  # request metadata of a read: the greatest position seen
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
 DEFAULT_TIMEOUT = 5.0
@@ -697,10 +702,9 @@ class Client:
         self._lock = threading.Lock()
         self._status_channels: dict[str, grpc.Channel] = {}
         self.last_peer = ""  # the server that answered the last call ("" if unknown)
-        # Read-your-writes over round robin: the newest version this session wrote per
-        # key; a latest-version read that comes back older was served by a server that
-        # has not applied our write yet (they lag by milliseconds) and is asked again.
-        self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Session order over round robin: the greatest (cluster id, applied position)
+        # an answer reported; reads send it as kvs-after (see the module's docstring).
+        self._seen: tuple[str, int] = ("", 0)
         self.last_latency: float | None = None
         self._closed = False
         self.consistency = consistency
@@ -776,6 +780,35 @@ class Client:
             if peer.startswith(prefix):
                 peer = peer[len(prefix):]
         self.last_peer = peer
+        self._saw(call)
+
+    def _saw(self, call) -> None:
+        """Keeps the greatest ``kvs-position`` of the cluster the last answer came from
+        (a position of another cluster, e.g. one re-created in memory, replaces it)."""
+        try:
+            md = call.trailing_metadata() or ()
+        except Exception:  # noqa: BLE001 - a call object without trailers
+            return
+        for k, v in md:
+            if k != POSITION_KEY:
+                continue
+            cid, _, pos = (v.decode() if isinstance(v, bytes) else str(v)).rpartition("/")
+            if not cid or not pos.isdigit():
+                return
+            with self._lock:
+                seen_cid, seen = self._seen
+                if cid != seen_cid or int(pos) > seen:
+                    self._seen = (cid, int(pos))
+            return
+
+    def _read_md(self, consistency: str | None = None):
+        """A read's metadata: its consistency level and, with several servers, the
+        greatest position this client has seen (``kvs-after``)."""
+        md = list(read_metadata(check_consistency(consistency or self.consistency)) or ())
+        cid, pos = self._seen
+        if len(self.addresses) > 1 and cid and pos > 0:
+            md.append((AFTER_KEY, f"{cid}/{pos}"))
+        return tuple(md) or None
 
     def _failed(self, exc: grpc.RpcError) -> ClientError:
         err = _translate(exc, self.label)
@@ -817,36 +850,20 @@ class Client:
         return out, _errors(call)
 
     # -- the KVS contract ----------------------------------------------------
-    def _remember(self, key: str, version: int) -> None:
-        if len(self.addresses) > 1 and version > self._written.get(key, 0):
-            self._written[key] = version
-            self._written.move_to_end(key)
-            if len(self._written) > READ_YOUR_WRITES_KEYS:
-                self._written.popitem(last=False)
-
     def put(self, key: str, value: str) -> Written:
         resp, err = self._unary(self._kvs.Insere, kvs_pb2.ChaveValor(chave=key, valor=value),
                                 metadata=_request_id())
-        self._remember(key, resp.versao)
         return Written(key, resp.versao, err, value=value)
 
     def get(self, key: str, version: int | None = None) -> Read:
         request = kvs_pb2.ChaveVersao(chave=key, **_opt_version(version))
-        md = read_metadata(self.consistency)
-        resp, err = self._unary(self._kvs.Consulta, request, metadata=md)
-        wrote = self._written.get(key, 0) if not version or version <= 0 else 0
-        deadline = time.monotonic() + READ_YOUR_WRITES_WAIT
-        while resp.versao < wrote and time.monotonic() < deadline:
-            time.sleep(0.005)
-            resp, err = self._unary(self._kvs.Consulta, request, metadata=md)
+        resp, err = self._unary(self._kvs.Consulta, request, metadata=self._read_md())
         return Read(key, resp.valor, resp.versao, version, err)
 
     def delete(self, key: str, version: int | None = None) -> Written:
         resp, err = self._unary(self._kvs.Remove,
                                 kvs_pb2.ChaveVersao(chave=key, **_opt_version(version)),
                                 metadata=_request_id())
-        if resp.versao > 0:
-            self._written.pop(key, None)  # what we wrote may be gone now
         return Written(key, resp.versao, err, requested=version)
 
     @staticmethod
@@ -873,15 +890,13 @@ class Client:
                                   (kvs_pb2.ChaveValor(chave=k, valor=v) for k, v in pairs),
                                   timeout=timeout, metadata=_request_id(request_id))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
-        for (k, _v), r in zip(pairs, resps):
-            self._remember(k, r.versao)
         return [Written(k, r.versao, e, value=v) for (k, v), r, e in zip(pairs, resps, reasons)]
 
     def mget(self, items: Sequence[tuple[str, int | None]]) -> list[Read]:
         resps, err = self._stream(
             self._kvs.ConsultaVarias,
             (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items),
-            metadata=read_metadata(self.consistency))
+            metadata=self._read_md())
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
         return [Read(k, r.valor, r.versao, v, e) for (k, v), r, e in zip(items, resps, reasons)]
 
@@ -892,9 +907,6 @@ class Client:
             (kvs_pb2.ChaveVersao(chave=k, **_opt_version(v)) for k, v in items),
             timeout=timeout, metadata=_request_id(request_id))
         reasons = self._spread(err, [r.versao <= 0 for r in resps])
-        for (k, _v), r in zip(items, resps):
-            if r.versao > 0:
-                self._written.pop(k, None)
         return [Written(k, r.versao, e, requested=v)
                 for (k, v), r, e in zip(items, resps, reasons)]
 
@@ -903,7 +915,7 @@ class Client:
         started = time.perf_counter()
         call = self._kvs.Snapshot(kvs_pb2.Versao(versao=int(version)),
                                   timeout=max(self.timeout, 30.0),
-                                  metadata=read_metadata(self.consistency))
+                                  metadata=self._read_md())
         try:
             rows = [Read(t.chave, t.valor, t.versao, version or None)
                     for t in call if t.chave or t.versao]
@@ -919,7 +931,8 @@ class Client:
         server also cuts a page by size; ``more`` says older versions remain."""
         resp, err = self._unary(self._ext.History,
                                 kvs_pb2.HistoryRequest(chave=key, limit=max(0, limit),
-                                                       before_version=max(0, before_version)))
+                                                       before_version=max(0, before_version)),
+                                metadata=self._read_md())
         return History(resp.chave or key,
                        [VersionInfo(v.versao, v.valor, v.written_at, v.node, v.seq)
                         for v in resp.versions],
@@ -1015,7 +1028,7 @@ class Client:
         Reads at ``consistency`` (default: this client's level).  No deadline unless
         ``timeout`` is given."""
         request = kvs_pb2.ExportRequest(prefix=prefix)
-        md = read_metadata(check_consistency(consistency or self.consistency))
+        md = self._read_md(consistency)
 
         def convert(chunk):
             if handle.position is None:

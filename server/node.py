@@ -327,14 +327,35 @@ class Node:
             self._reads.pop(ctx, None)
         if index <= 0:
             return "no quorum: no leader to confirm a linearizable read"
-        if self.applier.index < index:
-            w = self._loop.create_future()
-            self._apply_waits.append((index, w))
-            try:
-                await asyncio.wait_for(w, self.cfg.linearizable_timeout)
-            except asyncio.TimeoutError:
-                return f"server {self.node} did not apply up to {index} in time"
+        if not await self._applied(index, self.cfg.linearizable_timeout):
+            return f"server {self.node} did not apply up to {index} in time"
         return None
+
+    def session_position(self) -> str:
+        """``<cluster id>/<applied position>``: what a client's later read may wait for
+        (``kvs-position``); empty before this server joined a cluster."""
+        return f"{self.cid}/{self.applier.index}" if self.cid else ""
+
+    async def caught_up(self, cid: str, position: int) -> str | None:
+        """None once this server has applied ``position`` of cluster ``cid`` (at once
+        for another cluster's position: it orders nothing here), else, after
+        ``read_wait``, the reason."""
+        if not self.cid or cid != self.cid or await self._applied(position, self.cfg.read_wait):
+            return None
+        return (f"server {self.node} has applied up to {self.applier.index}, not yet position "
+                f"{position} that this client has already seen")
+
+    async def _applied(self, index: int, timeout: float) -> bool:
+        """Waits until this server has applied ``index``: False after ``timeout``."""
+        if self.applier.index >= index:
+            return True
+        w = self._loop.create_future()
+        self._apply_waits.append((index, w))
+        try:
+            await asyncio.wait_for(w, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     # =====================================================================
     # the Ready loop

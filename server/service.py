@@ -38,6 +38,9 @@ ERROR_KEY = wire.ERROR
 NODE_KEY = wire.NODE
 REQUEST_ID_KEY = wire.REQUEST_ID           # a client's idempotency key for a write
 CONSISTENCY_KEY = wire.CONSISTENCY         # "linearizable": Raft ReadIndex before reading
+POSITION_KEY = wire.POSITION               # trailing: "<cluster id>/<applied position>"
+AFTER_KEY = wire.AFTER                     # a read waits until this server applied that far
+_POSITION = re.compile(r"([0-9a-f]{1,64})/([0-9]{1,18})")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
@@ -72,6 +75,19 @@ def linearizable(context) -> bool:
     return False
 
 
+def session_after(context) -> tuple[str, int] | None:
+    """The call's ``kvs-after`` (cluster id, position): None when absent; InvalidInput
+    when malformed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == AFTER_KEY:
+            m = _POSITION.fullmatch(value) if isinstance(value, str) else None
+            if m is None:
+                raise InvalidInput(f"{AFTER_KEY} must be <cluster id>/<position>, as a"
+                                   f" {POSITION_KEY} answer gave it")
+            return m.group(1), int(m.group(2))
+    return None
+
+
 async def _require(auth: Authority, context, access: str, key: str) -> None:
     """Ends the call with PERMISSION_DENIED unless the caller may ``access`` ``key``."""
     reason = auth.denied(access, key)
@@ -96,10 +112,19 @@ async def unreadable(node: Node) -> str | None:
 
 async def read_gate(node: Node, context) -> str | None:
     """None when this call may read; else the reason.  Linearizable calls first
-    confirm with the leader (ReadIndex) and wait until this server applied that far."""
+    confirm with the leader (ReadIndex) and wait until this server applied that far;
+    a call with ``kvs-after`` waits until this server applied the position it names
+    (a client's session guarantees when it balances over several servers)."""
     reason = await unreadable(node)
     if reason is None and linearizable(context):
         reason = await node.read_barrier()
+    if reason is None:
+        try:
+            after = session_after(context)
+        except InvalidInput as e:
+            return str(e)
+        if after is not None:
+            reason = await node.caught_up(*after)
     return reason
 
 
@@ -113,10 +138,10 @@ class _Denied:
 
 class _Errors:
     """Collects reasons and sends them once, as trailing metadata, together with
-    the node that answered (``kvs-node``: matters when a client balances over
-    several servers)."""
+    the node that answered (``kvs-node``) and its applied position
+    (``kvs-position``): both matter when a client balances over several servers."""
 
-    node: str = ""
+    server: Node | None = None
 
     __slots__ = ("context", "reasons")
 
@@ -129,7 +154,10 @@ class _Errors:
             self.reasons.append(reason if index is None else f"#{index}: {reason}")
 
     def send(self) -> None:
-        md = [(NODE_KEY, self.node)]
+        md = [(NODE_KEY, self.server.node if self.server else "")]
+        position = self.server.session_position() if self.server else ""
+        if position:
+            md.append((POSITION_KEY, position))
         if self.reasons:
             # Metadata values must be ASCII-safe; keep the text readable.
             text = "; ".join(self.reasons).encode("ascii", "backslashreplace").decode("ascii")
@@ -143,7 +171,7 @@ class KVSServicer(kvs_pb2_grpc.KVSServicer):
                  auth: Authority = OPEN_AUTHORITY):
         self.log = node
         self.auth = auth
-        _Errors.node = node.node
+        _Errors.server = node
         self.write_timeout = write_timeout
         self.max_key_len = max_key_len
         self.max_value_len = max_value_len
@@ -360,9 +388,11 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def History(self, request, context):
         await _require(self.auth, context, READ, request.chave)
+        await self._gate(context)
         limit = min(request.limit or HISTORY_DEFAULT, HISTORY_MAX)
         versions, top, more = self.log.reader.history(request.chave, limit,
                                                       max(0, request.before_version))
+        _Errors(context).send()
         return kvs_pb2.KeyHistory(
             chave=request.chave, max_version=min(top, INT32_MAX), more=more,
             versions=[kvs_pb2.VersionInfo(versao=v.number, valor=v.value, written_at=v.written_at,
@@ -507,9 +537,7 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     # ---- export -------------------------------------------------------------------
     async def Export(self, request, context):
-        reason = await read_gate(self.log, context)
-        if reason is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        await self._gate(context)
         readable = self.auth.read_filter()
         position, rows = await asyncio.to_thread(self.log.reader.export_rows, request.prefix)
         if readable is not None:
@@ -519,8 +547,19 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
         while True:   # chunks are built in a worker thread, sent from the loop
             chunk = await asyncio.to_thread(next, chunks, end)
             if chunk is end:
+                _Errors(context).send()
                 return
             yield chunk
+
+    async def _gate(self, context) -> None:
+        """Ends the call unless it may read (see :func:`read_gate`): a malformed
+        ``kvs-after`` is INVALID_ARGUMENT, anything else UNAVAILABLE (another server
+        may answer)."""
+        reason = await read_gate(self.log, context)
+        if reason is not None:
+            code = (grpc.StatusCode.INVALID_ARGUMENT if reason.startswith(AFTER_KEY)
+                    else grpc.StatusCode.UNAVAILABLE)
+            await context.abort(code, reason)
 
 
 def _export_chunks(position: int, rows):

@@ -510,20 +510,23 @@ def test_client_builds_a_round_robin_target_without_connecting():
 
 
 class _LaggingServers:
-    """Fake KVS stub over round robin: Insere answers version 1; the first ``stale``
-    Consultas come from a server that has not applied it yet."""
+    """Fake KVS stub: Insere/Remove answer version 1, Consulta the value; every answer's
+    trailers are the next of ``positions`` (what each answering server had applied)."""
 
-    class _Call:
-        def peer(self):
-            return "ipv4:127.0.0.1:9000"
-
-        def trailing_metadata(self):
-            return ()
-
-    def __init__(self, stale: int):
-        self.stale, self.reads = stale, 0
+    def __init__(self, positions=()):
+        self.positions = list(positions)
         self.metadata: list = []  # of every call, in order
         outer = self
+
+        class _Call:
+            def __init__(self, trailers):
+                self.trailers = trailers
+
+            def peer(self):
+                return "ipv4:127.0.0.1:9000"
+
+            def trailing_metadata(self):
+                return self.trailers
 
         class _Method:
             def __init__(self, fn):
@@ -531,35 +534,42 @@ class _LaggingServers:
 
             def with_call(self, request, timeout=None, metadata=None):
                 outer.metadata.append(metadata)
-                return self.fn(request), outer._Call()
+                pos = outer.positions.pop(0) if outer.positions else None
+                return self.fn(request), _Call(() if pos is None else (("kvs-position", pos),))
 
         self.Insere = _Method(lambda r: SimpleNamespace(versao=1))
         self.Remove = _Method(lambda r: SimpleNamespace(versao=1))
-
-        def consulta(r):
-            self.reads += 1
-            if self.reads <= self.stale:
-                return SimpleNamespace(chave=r.chave, valor="", versao=0)
-            return SimpleNamespace(chave=r.chave, valor="v1", versao=1)
-        self.Consulta = _Method(consulta)
+        self.Consulta = _Method(lambda r: SimpleNamespace(chave=r.chave, valor="v1", versao=1))
 
 
-def test_round_robin_client_reads_its_own_writes_from_a_lagging_server():
+def test_round_robin_reads_wait_for_the_greatest_position_the_client_has_seen():
     c = Client(["127.0.0.1:9000", "127.0.0.1:9001"])
     try:
-        c._kvs = fake = _LaggingServers(stale=3)
-        assert c.put("k1", "v1").version == 1
-        got = c.get("k1")
-        assert (got.value, got.version) == ("v1", 1) and fake.reads == 4
-        # an explicit version, or a key this session did not write, is read once
-        fake.reads, fake.stale = 0, 1
-        assert c.get("k1", 1).version == 0 and fake.reads == 1
-        fake.reads = 0
-        assert c.get("other").version == 0 and fake.reads == 1
-        # after our delete the key's written version is forgotten
-        assert c.delete("k1").version == 1
-        fake.reads, fake.stale = 0, 1
-        assert c.get("k1").version == 0 and fake.reads == 1
+        c._kvs = fake = _LaggingServers(["c1/7", "c1/5", "c1/9", None, "c2/3", "garbage", "c2/4"])
+        c.get("k1")                  # nothing seen yet: a plain local read
+        c.put("k1", "v1")            # answered at position 5 (below what was seen)
+        c.get("k1")                  # must wait for 7; the answer says 9
+        c.get("k1")                  # an answer without a position changes nothing
+        c.get("k1")                  # a re-created cluster: its own positions from now on
+        c.get("k1")                  # a malformed position is ignored
+        c.delete("k1", 1)
+        reads = [md for md in fake.metadata if md is None or "kvs-request-id" not in dict(md)]
+        assert reads == [None, (("kvs-after", "c1/7"),), (("kvs-after", "c1/9"),),
+                         (("kvs-after", "c1/9"),), (("kvs-after", "c2/3"),)]
+        c.consistency = "linearizable"
+        c.get("k1")
+        assert fake.metadata[-1] == (("kvs-consistency", "linearizable"), ("kvs-after", "c2/4"))
+    finally:
+        c.close()
+
+
+def test_single_server_client_sends_no_position():
+    c = Client(["127.0.0.1:9000"])
+    try:
+        c._kvs = fake = _LaggingServers(["c1/7"])
+        c.put("k1", "v1")
+        c.get("k1")
+        assert fake.metadata[-1] is None
     finally:
         c.close()
 
@@ -567,7 +577,7 @@ def test_round_robin_client_reads_its_own_writes_from_a_lagging_server():
 def test_every_write_carries_a_fresh_request_id_and_reads_none():
     c = Client(["127.0.0.1:9000", "127.0.0.1:9001"])
     try:
-        c._kvs = fake = _LaggingServers(stale=0)
+        c._kvs = fake = _LaggingServers()
         c.put("k1", "v1")
         c.put("k1", "v1")
         c.get("k1")
@@ -585,16 +595,6 @@ def test_round_robin_service_config_retries_only_unavailable():
     (method,) = config["methodConfig"]
     assert {n["service"] for n in method["name"]} == {"kvs.KVS", "kvs.KVSExt"}
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
-
-
-def test_single_server_client_does_not_retry_reads():
-    c = Client(["127.0.0.1:9000"])
-    try:
-        c._kvs = fake = _LaggingServers(stale=3)
-        c.put("k1", "v1")
-        assert c.get("k1").version == 0 and fake.reads == 1
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize("argv,keys,values,versions", [
@@ -935,6 +935,9 @@ class _StubCall(list):
     def trailing_metadata(self):
         return self._trailers
 
+    def cancel(self):
+        pass
+
 
 class RecordingStubs:
     """Fake KVS and KVSExt stubs: every call's method and metadata, in order."""
@@ -953,6 +956,8 @@ class RecordingStubs:
         "Status": lambda r: kvs_pb2.NodeStatus(
             node_id="n1", state="in-step", role="leader", term=4, commit_index=12,
             applied_index=10, cluster_id="c1", members=[kvs_pb2.Member(node_id="n1")]),
+        "History": lambda r: kvs_pb2.KeyHistory(chave=r.chave, max_version=1, versions=[
+            kvs_pb2.VersionInfo(versao=1, valor="v")]),
     }
     STREAM = {
         "InsereVarias": lambda rs: [kvs_pb2.Versao(versao=1) for _ in rs],
@@ -960,10 +965,12 @@ class RecordingStubs:
         "ConsultaVarias": lambda rs: [kvs_pb2.Tupla(chave=r.chave, valor="v", versao=1)
                                       for r in rs],
         "Snapshot": lambda r: [kvs_pb2.Tupla(chave="k01", valor="v", versao=1)],
+        "Export": lambda r: [kvs_pb2.ExportChunk(position=3)],
     }
 
-    def __init__(self):
+    def __init__(self, trailers=()):
         self.calls: list[tuple[str, object]] = []
+        self.trailers = trailers  # of every answer
 
     def __getattr__(self, name):
         outer = self
@@ -971,20 +978,20 @@ class RecordingStubs:
             class Unary:
                 def with_call(self, request, timeout=None, metadata=None):
                     outer.calls.append((name, metadata, request))
-                    return outer.UNARY[name](request), _StubCall()
+                    return outer.UNARY[name](request), _StubCall(trailers=outer.trailers)
             return Unary()
         if name in self.STREAM:
             def call(request, timeout=None, metadata=None):
-                req = request if name == "Snapshot" else list(request)
+                req = request if name in ("Snapshot", "Export") else list(request)
                 outer.calls.append((name, metadata, req))
-                return _StubCall(outer.STREAM[name](req))
+                return _StubCall(outer.STREAM[name](req), outer.trailers)
             return call
         raise AttributeError(name)
 
 
-def _fake_client(**kw):
-    c = Client(["127.0.0.1:9000"], **kw)
-    c._kvs = c._ext = stubs = RecordingStubs()
+def _fake_client(addresses=("127.0.0.1:9000",), trailers=(), **kw):
+    c = Client(list(addresses), **kw)
+    c._kvs = c._ext = stubs = RecordingStubs(trailers)
     return c, stubs
 
 
@@ -1032,6 +1039,23 @@ def test_local_reads_send_no_metadata_and_the_mode_switches_at_runtime():
         with pytest.raises(ValueError, match="unknown consistency"):
             c.consistency = "eventual"
         assert c.consistency == "local"
+    finally:
+        c.close()
+
+
+def test_every_read_of_a_round_robin_client_waits_for_the_position_it_has_seen():
+    c, stubs = _fake_client(("127.0.0.1:9000", "127.0.0.1:9001"),
+                            trailers=(("kvs-node", "n1"), ("kvs-position", "c1/42")))
+    try:
+        _every_kvs_call(c)
+        c.history("k01")
+        list(c.export("k"))
+        assert stubs.calls[0][0] == "Insere"  # the first answer gives the position
+        by_method = {name: md for name, md, _ in stubs.calls}
+        for read in ("Consulta", "ConsultaVarias", "Snapshot", "History", "Export"):
+            assert tuple(by_method[read]) == (("kvs-after", "c1/42"),), read
+        for write in ("Insere", "Remove", "InsereVarias", "RemoveVarias"):
+            assert [k for k, _ in by_method[write]] == ["kvs-request-id"], write
     finally:
         c.close()
 
