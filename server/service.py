@@ -88,6 +88,11 @@ def session_after(context) -> tuple[str, int] | None:
     return None
 
 
+def has_after(context) -> bool:
+    """The call carries ``kvs-after`` (well-formed or not)."""
+    return any(key == AFTER_KEY for key, _ in context.invocation_metadata() or ())
+
+
 async def _require(auth: Authority, context, access: str, key: str) -> None:
     """Ends the call with PERMISSION_DENIED unless the caller may ``access`` ``key``."""
     reason = auth.denied(access, key)
@@ -388,7 +393,10 @@ class KVSExtServicer(kvs_pb2_grpc.KVSExtServicer):
 
     async def History(self, request, context):
         await _require(self.auth, context, READ, request.chave)
-        await self._gate(context)
+        # Plain History answers from this server's state even while it catches up (an
+        # inspection tool, like ListKeys); a call asking for an order waits like a read.
+        if linearizable(context) or has_after(context):
+            await self._gate(context)
         limit = min(request.limit or HISTORY_DEFAULT, HISTORY_MAX)
         versions, top, more = self.log.reader.history(request.chave, limit,
                                                       max(0, request.before_version))
