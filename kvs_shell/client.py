@@ -637,12 +637,13 @@ class StreamHandle:
     """A long-lived server stream (watch, export): iterate it in one thread, ``cancel()``
     it from any other (Ctrl-C) -- the iteration then simply ends.  Errors come out of the
     iteration as :class:`ClientError` subclasses.  ``server`` is the peer that answers
-    ("" until the first message)."""
+    ("" until the first message).  ``ended(call)`` runs once the stream ended normally."""
 
-    def __init__(self, open_call, convert, translate):
+    def __init__(self, open_call, convert, translate, ended=None):
         self._open = open_call
         self._convert = convert
         self._translate = translate
+        self._ended = ended
         self._lock = threading.Lock()
         self._call = None
         self._cancelled = False
@@ -669,6 +670,8 @@ class StreamHandle:
                 if not self.server:
                     self.server = _call_peer(call)
                 yield from self._convert(msg)
+            if self._ended is not None:
+                self._ended(call)
         except grpc.RpcError as exc:
             if self._cancelled:
                 return
@@ -1043,7 +1046,7 @@ class Client:
                      for v in k.versions])
 
         handle = StreamHandle(lambda: self._ext.Export(request, timeout=timeout, metadata=md),
-                              convert, self._ext_failed)
+                              convert, self._ext_failed, ended=self._saw)
         handle.position = None
         return handle
 

@@ -1058,6 +1058,14 @@ def test_every_read_of_a_round_robin_client_waits_for_the_position_it_has_seen()
             assert [k for k, _ in by_method[write]] == ["kvs-request-id"], write
     finally:
         c.close()
+    c, stubs = _fake_client(("127.0.0.1:9000", "127.0.0.1:9001"),
+                            trailers=(("kvs-position", "c1/43"),))
+    try:  # an export's position counts too, once the stream ended
+        assert [k.key for _pos, k in c.export("k")] == []
+        c.get("k01")
+        assert stubs.calls[-1][1] == (("kvs-after", "c1/43"),)
+    finally:
+        c.close()
 
 
 def test_client_member_calls_return_plain_dataclasses():
