@@ -355,6 +355,8 @@ class Node:
             await asyncio.wait_for(w, timeout)
             return True
         except asyncio.TimeoutError:
+            # forget it now: a client may name a position this server never reaches
+            self._apply_waits = [(i, f) for i, f in self._apply_waits if f is not w]
             return False
 
     # =====================================================================

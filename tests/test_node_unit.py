@@ -101,3 +101,35 @@ def test_waiters_due_for_reproposal():
         return sorted(x.item["id"] for x in w.due(6.0, 2.0))
 
     assert asyncio.run(main()) == ["b"]
+
+
+def _bare_node(cid="c1"):
+    """Just the parts of a Node that session reads use (no loop running, no I/O)."""
+    from types import SimpleNamespace
+
+    from server.node import Node
+    n = Node.__new__(Node)
+    n.node, n.cid, n.applier, n._apply_waits = "n1", cid, Applier(), []
+    n.cfg = SimpleNamespace(read_wait=0.05)
+    return n
+
+
+def test_a_session_position_names_the_cluster_and_what_was_applied():
+    n = _bare_node()
+    n.applier.apply(_entry(1, _put("x1", "key", "v01")))
+    assert n.session_position() == "c1/1"
+    assert _bare_node(cid="").session_position() == ""  # not in a cluster yet: none
+
+
+def test_a_session_read_waits_for_its_position_then_says_why_and_forgets_the_wait():
+    n = _bare_node()
+    n.applier.apply(_entry(1, _put("x1", "key", "v01")))
+
+    async def run():
+        n._loop = asyncio.get_running_loop()
+        assert await n.caught_up("c1", 1) is None         # applied already
+        assert await n.caught_up("other", 99) is None     # another cluster's position
+        reason = await n.caught_up("c1", 10**17)          # never reached here
+        assert "has applied up to 1, not yet position 100000000000000000" in reason
+        assert n._apply_waits == []                       # nothing left behind
+    asyncio.run(run())
