@@ -111,6 +111,7 @@ class Node:
         self._was_in_step = False
         self._state = "starting"
         self._readable = False
+        self._readable_set = asyncio.Event()   # set while _readable: reads waiting wake on it
         self._transfer: asyncio.Task | None = None
         self._snapshotting = threading.Event()
         self._since_snapshot = 0
@@ -304,6 +305,17 @@ class Node:
     # reads
     # =====================================================================
     def readable_now(self) -> bool:
+        return self._readable
+
+    async def wait_readable(self, timeout: float) -> bool:
+        """True once reads may be served, False if that takes over ``timeout``.  A read
+        waits on the loop (not in a worker thread: many reads waiting while a node
+        catches up must not starve Snapshot and FetchState) and is woken by the state
+        change, not by polling."""
+        try:
+            await asyncio.wait_for(self._readable_set.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         return self._readable
 
     def unreadable_reason(self) -> str:
@@ -896,6 +908,10 @@ class Node:
         if st == "in-step":
             self._was_in_step = True
         self._readable = st in ("in-step", "no-quorum")
+        if self._readable:
+            self._readable_set.set()
+        else:
+            self._readable_set.clear()
         if st == "in-step" and self.cfg.keep_versions is not None:
             self._check_retention()
         if st != self._state:

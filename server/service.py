@@ -16,7 +16,6 @@ import asyncio
 import collections
 import logging
 import re
-import time
 
 import grpc
 
@@ -44,7 +43,6 @@ _POSITION = re.compile(r"([0-9a-f]{1,64})/([0-9]{1,18})")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STREAM_WINDOW = 512     # changes of one stream in flight at once (flow control)
 MAX_STREAM_ERRORS = 5   # reasons reported per stream
-READ_POLL = 0.02        # s between checks while a read waits for the node to be in step
 
 
 def _version_arg(msg) -> int | None:
@@ -102,16 +100,9 @@ async def _require(auth: Authority, context, access: str, key: str) -> None:
 
 async def unreadable(node: Node) -> str | None:
     """None when reads may be served; else, after waiting up to ``read_wait`` for
-    the node to get in step, the reason.  The wait polls on the loop rather than
-    blocking a worker thread: many reads waiting at once (a node catching up under
-    load) must not starve the threads that Snapshot and FetchState use."""
-    if node.readable_now():
+    the node to get in step, the reason."""
+    if node.readable_now() or await node.wait_readable(node.cfg.read_wait):
         return None
-    deadline = time.monotonic() + node.cfg.read_wait
-    while time.monotonic() < deadline:
-        await asyncio.sleep(READ_POLL)
-        if node.readable_now():
-            return None
     return node.unreadable_reason()
 
 

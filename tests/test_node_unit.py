@@ -133,3 +133,19 @@ def test_a_session_read_waits_for_its_position_then_says_why_and_forgets_the_wai
         assert "has applied up to 1, not yet position 100000000000000000" in reason
         assert n._apply_waits == []                       # nothing left behind
     asyncio.run(run())
+
+
+def test_a_read_waiting_for_the_node_to_get_in_step_is_woken_by_the_change():
+    n = _bare_node()
+    n._readable, n._readable_set = False, asyncio.Event()
+
+    def in_step():  # what _update_state does when the state becomes readable
+        n._readable = True
+        n._readable_set.set()
+
+    async def run():
+        assert await n.wait_readable(0.05) is False       # nothing changed: gives up
+        asyncio.get_running_loop().call_later(0.05, in_step)
+        # woken by the change, long before its own 60 s (a missed wake-up fails here)
+        assert await asyncio.wait_for(n.wait_readable(60), 10) is True
+    asyncio.run(run())
