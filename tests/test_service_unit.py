@@ -20,6 +20,13 @@ class _NotYetReadableLog:
     def unreadable_reason(self) -> str:
         return "server n1 is not in step with the cluster (catching-up)"
 
+    async def wait_readable(self, timeout: float) -> bool:
+        """As the node's: returns when it got in step (here: at ``ready_at``) or after
+        ``timeout``."""
+        left = timeout if self.ready_at is None else self.ready_at - time.monotonic()
+        await asyncio.sleep(max(0.0, min(timeout, left)))
+        return self.readable_now()
+
 
 def test_many_waiting_reads_do_not_starve_worker_threads():
     from server.service import unreadable
