@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import grpc
 import pytest
 
 from conftest import kvs_pb2, trailing, wait_until
@@ -19,6 +20,7 @@ from faultkit import (RETAINED_HOSTILE, FaultCluster, MqttProbe, Outcome, Status
                       Workload, check_cluster, check_histories, describe, hostile_messages,
                       insere_timed, status_or_none, user_properties, wait_settled)
 from kvs_cluster import Broker
+from kvs_shell.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -482,8 +484,6 @@ def test_i_a_lagging_server_never_answers_a_session_behind_its_own_writes(fc):
     from the broker answers a plain local read with stale data, but a read carrying the
     position the client's write was answered at either waits until that server has applied
     it or says why not: never the stale value."""
-    import grpc
-    from kvs_shell.client import Client
     p = f"i{uid()}-"
     lead, _ = fc.formed()
     f = next(i for i in range(3) if i != lead)
